@@ -1,0 +1,98 @@
+"""The BD3-LM objective: forward masking, SUBS parameterisation and the per-block NELBO.
+
+One loss covers every model the library trains:
+- block diffusion (algo "bd3lm"): one vectorised pass over x_t ⊕ x_0 with the training mask;
+  block_size == length is MDLM (its single block never sees x_0, so only x_t is run) and
+  block_size == 1 with full masking (clip_min = clip_max = 1) is an AR model;
+- a plain causal next-token model (algo "ar"): x_0 under the causal mask, targets shifted.
+Both reduce per-token losses the same way: the mean over all L tokens of the batch.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from bd3jax import schedules
+from bd3jax.masks import AttentionMask, MaskKind
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  algo: str            # "bd3lm" | "ar"
+  length: int
+  block_size: int
+  mask_id: int
+  schedule: str = "loglinear"
+  clip_min: float = 1e-3
+  clip_max: float = 1.0
+  resample: bool = True
+  antithetic: bool = True
+
+  @property
+  def n_blocks(self) -> int:
+    return self.length // self.block_size
+
+  @property
+  def full_masking(self) -> bool:
+    return self.clip_min >= 1.0 and self.clip_max >= 1.0
+
+
+def subs_log_prob(logits_BLV, x0_BL, masked_BL, mask_id: int):
+  """log p(x_0 | x_t) under SUBS: [MASK] gets -inf, unmasked positions copy x_t (log p = 0)."""
+  logits_BLV = logits_BLV.at[..., mask_id].set(-jnp.inf)
+  target_BL = jnp.take_along_axis(logits_BLV, x0_BL[..., None], axis=-1)[..., 0]
+  log_p_BL = target_BL - jax.nn.logsumexp(logits_BLV, axis=-1)
+  return jnp.where(masked_BL, log_p_BL, 0.0)
+
+
+def forward_process(key, x0_BL, cfg: LossConfig, train: bool = True):
+  """Draw t per block and mask x_0. Returns (x_t, masked, move chance and weight per token)."""
+  batch = x0_BL.shape[0]
+  key_t, key_mask = jax.random.split(key)
+  if cfg.full_masking:
+    t_BN = jnp.ones((batch, cfg.n_blocks))
+  else:
+    t_BN = schedules.sample_t(key_t, batch, cfg.n_blocks, cfg.clip_min, cfg.clip_max,
+                              cfg.antithetic)
+  p_BN, w_BN = schedules.move_chance_and_weight(t_BN, cfg.schedule)
+  masked_BL = schedules.sample_masked(key_mask, p_BN, cfg.block_size, cfg.clip_min,
+                                      cfg.clip_max, resample=cfg.resample and train)
+  xt_BL = jnp.where(masked_BL, cfg.mask_id, x0_BL)
+  per_token = lambda a_BN: jnp.repeat(a_BN, cfg.block_size, axis=1)
+  return xt_BL, masked_BL, per_token(p_BN), per_token(w_BN)
+
+
+def diffusion_logits(apply_fn: Callable, xt_BL, x0_BL, sigma_B, cfg: LossConfig, **kwargs):
+  """Network logits for the x_t tokens, given each block's clean prefix x_0."""
+  if cfg.n_blocks == 1:
+    return apply_fn(xt_BL, sigma_B, AttentionMask(MaskKind.FULL, cfg.length, cfg.length), **kwargs)
+  tokens_BT = jnp.concatenate([xt_BL, x0_BL], axis=1)
+  return apply_fn(tokens_BT, sigma_B,
+                  AttentionMask(MaskKind.TRAINING, cfg.length, cfg.block_size), **kwargs)
+
+
+def nelbo(apply_fn: Callable, x0_BL, key, cfg: LossConfig, train: bool = True):
+  """The loss and its per-token and per-block parts.
+
+  `apply_fn(tokens, sigma, mask, **kwargs) -> logits` runs the network. Returns
+  (loss, aux) with aux["token_loss"] [B, L] and aux["block_nelbo"] [B, n_blocks] (the
+  loss averaged within each block, whose variance the clipped-schedule search minimises).
+  """
+  kwargs = {"train": train}
+  if cfg.algo == "ar":
+    mask = AttentionMask(MaskKind.BLOCK_CAUSAL, cfg.length - 1, 1)
+    logits_BLV = apply_fn(x0_BL[:, :-1], None, mask, **kwargs)
+    log_p = jax.nn.log_softmax(logits_BLV, axis=-1)
+    nll_BL = -jnp.take_along_axis(log_p, x0_BL[:, 1:, None], axis=-1)[..., 0]
+    token_loss_BL = jnp.pad(nll_BL, ((0, 0), (1, 0)))  # position 0 (BOS) is not predicted
+    loss = nll_BL.mean()
+  else:
+    xt_BL, masked_BL, p_BL, w_BL = forward_process(key, x0_BL, cfg, train)
+    sigma_B = -jnp.log1p(-jnp.minimum(p_BL[:, 0], 1.0 - 1e-6))
+    logits_BLV = diffusion_logits(apply_fn, xt_BL, x0_BL, sigma_B, cfg, **kwargs)
+    token_loss_BL = -w_BL * subs_log_prob(logits_BLV, x0_BL, masked_BL, cfg.mask_id)
+    loss = token_loss_BL.mean()
+  block_nelbo_BN = token_loss_BL.reshape(x0_BL.shape[0], -1, cfg.block_size).mean(-1)
+  return loss, {"token_loss": token_loss_BL, "block_nelbo": block_nelbo_BN}

@@ -1,0 +1,4 @@
+"""The BD3-LM network and its attention implementations."""
+
+from bd3jax.model.attention import attention, dense_attention
+from bd3jax.model.transformer import DiT, ModelConfig

@@ -1,0 +1,200 @@
+"""The reference BD3-LM network (a DiT with rotary attention), in Flax Linen.
+
+Parameters are float32 and carry logical axis names; matmuls run in `dtype`; the
+residual stream, LayerNorms and softmax stay in float32, as in the reference under
+autocast. Module and parameter names follow the reference's state dict.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bd3jax.masks import AttentionMask, MaskKind
+from bd3jax.model.attention import attention
+
+LN_EPS = 1e-5
+TIMESTEP_DIM = 256
+ROPE_BASE = 10_000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Network hyperparameters. `adaln=False` is the AR variant (no conditioning at all)."""
+  vocab_size: int
+  n_layers: int
+  d_model: int
+  n_heads: int
+  cond_dim: int
+  mlp_ratio: int = 4
+  dropout: float = 0.1
+  adaln: bool = True
+  time_conditioning: bool = False
+  dtype: str = "float32"
+  attention: str = "dense"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+def _torch_linear_init(fan_in: int):
+  """torch.nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels and biases."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _dense(features, names, fan_in, *, use_bias=True, zero=False, axis=-1, dtype, name):
+  init = nn.initializers.zeros_init() if zero else _torch_linear_init(fan_in)
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  return nn.DenseGeneral(
+      features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(init, names),
+      bias_init=nn.with_logical_partitioning(init, names[n_in:]),
+      name=name)
+
+
+class LayerNorm(nn.Module):
+  """Weight-only LayerNorm computed in float32 (eps 1e-5)."""
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    weight_D = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                          (x_BTD.shape[-1],), jnp.float32)
+    x_BTD = x_BTD.astype(jnp.float32)
+    mean = x_BTD.mean(-1, keepdims=True)
+    var = jnp.square(x_BTD - mean).mean(-1, keepdims=True)
+    return (x_BTD - mean) * jax.lax.rsqrt(var + LN_EPS) * weight_D
+
+
+def timestep_embedding(sigma_B, dim: int = TIMESTEP_DIM, max_period: float = 10_000.0):
+  """[cos(sigma f), sin(sigma f)] with f_i = exp(-ln(max_period) i / (dim/2))."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args_BF = sigma_B.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
+
+
+def rotary_cos_sin(positions_T, head_dim: int):
+  """cos, sin of shape [T, head_dim] for the rotate-half form (frequencies repeated)."""
+  inv_freq = 1.0 / ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  freqs_TF = positions_T.astype(jnp.float32)[:, None] * inv_freq[None]
+  emb_TK = jnp.concatenate([freqs_TF, freqs_TF], axis=-1)
+  return jnp.cos(emb_TK), jnp.sin(emb_TK)
+
+
+def apply_rotary(x_BTHK, cos_TK, sin_TK):
+  """NeoX rotate-half rotary embedding, computed in float32."""
+  x = x_BTHK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x * cos_TK[None, :, None] + rotated * sin_TK[None, :, None]
+  return out.astype(x_BTHK.dtype)
+
+
+def _modulate(x_BTD, shift_B1D, scale_B1D):
+  return x_BTD * (1 + scale_B1D) + shift_B1D
+
+
+class TimestepEmbedder(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, sigma_B):
+    cond = self.cfg.cond_dim
+    h = _dense(cond, ("timestep", "cond"), TIMESTEP_DIM, dtype=jnp.float32, name="mlp_0")(
+        timestep_embedding(sigma_B))
+    return _dense(cond, ("cond_in", "cond"), cond, dtype=jnp.float32, name="mlp_2")(nn.silu(h))
+
+
+class Block(nn.Module):
+  """One transformer block: attention and MLP branches, adaLN-zero modulated."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, c_BC, rope, mask: AttentionMask, train: bool):
+    cfg = self.cfg
+    d, h, k = cfg.d_model, cfg.n_heads, cfg.head_dim
+    dt = jnp.dtype(cfg.dtype)
+    if cfg.adaln:
+      mod_B6D = _dense(6 * d, ("cond", "modulation"), cfg.cond_dim, zero=True, dtype=jnp.float32,
+                       name="adaLN_modulation")(c_BC)
+      shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
+          mod_B6D[:, None, :], 6, axis=-1)
+    else:
+      shift_msa = scale_msa = shift_mlp = scale_mlp = 0.0
+      gate_msa = gate_mlp = 1.0
+    dropout = nn.Dropout(cfg.dropout, deterministic=not train)
+
+    h_BTD = _modulate(LayerNorm(name="norm1")(x_BTD), shift_msa, scale_msa).astype(dt)
+    qkv_BT3HK = _dense((3, h, k), ("embed", "qkv", "heads", "head_dim"), d, use_bias=False,
+                       dtype=dt, name="attn_qkv")(h_BTD)
+    q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
+    q_BTHK, k_BTHK = apply_rotary(q_BTHK, *rope), apply_rotary(k_BTHK, *rope)
+    o_BTHK = attention(q_BTHK, k_BTHK, v_BTHK, mask, cfg.attention)
+    o_BTD = _dense(d, ("heads", "head_dim", "embed"), d, use_bias=False, axis=(-2, -1), dtype=dt,
+                   name="attn_out")(o_BTHK)
+    x_BTD = x_BTD + gate_msa * dropout(o_BTD.astype(jnp.float32))
+
+    h_BTD = _modulate(LayerNorm(name="norm2")(x_BTD), shift_mlp, scale_mlp).astype(dt)
+    h_BTF = _dense(cfg.mlp_ratio * d, ("embed", "mlp"), d, dtype=dt, name="mlp_0")(h_BTD)
+    h_BTF = nn.gelu(h_BTF, approximate=True)
+    h_BTD = _dense(d, ("mlp", "embed"), cfg.mlp_ratio * d, dtype=dt, name="mlp_2")(h_BTF)
+    return x_BTD + gate_mlp * dropout(h_BTD.astype(jnp.float32))
+
+
+class FinalLayer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, c_BC):
+    cfg = self.cfg
+    x_BTD = LayerNorm(name="norm_final")(x_BTD)
+    if cfg.adaln:
+      mod_B2D = _dense(2 * cfg.d_model, ("cond", "modulation"), cfg.cond_dim, zero=True,
+                       dtype=jnp.float32, name="adaLN_modulation")(c_BC)
+      shift, scale = jnp.split(mod_B2D[:, None, :], 2, axis=-1)
+      x_BTD = _modulate(x_BTD, shift, scale)
+    logits_BTV = _dense(cfg.vocab_size, ("embed", "vocab"), cfg.d_model, zero=True,
+                        dtype=jnp.dtype(cfg.dtype), name="linear")(x_BTD.astype(cfg.dtype))
+    return logits_BTV.astype(jnp.float32)
+
+
+def positions_for(mask: AttentionMask):
+  """Rotary positions: 0..L-1 on both halves of the training sequence, else 0..T-1."""
+  positions_L = jnp.arange(mask.seq_len)
+  if mask.kind is MaskKind.TRAINING:
+    return jnp.concatenate([positions_L, positions_L])
+  return positions_L
+
+
+class DiT(nn.Module):
+  """The BD3-LM backbone. Returns float32 logits for the x_t half (training) or all tokens.
+
+  `sigma_B` is the noise level per sequence, used only with time conditioning (None: zeros).
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, sigma_B, mask: AttentionMask, train: bool = False):
+    cfg = self.cfg
+    if tokens_BT.shape[1] != mask.num_tokens:
+      raise ValueError(f"{tokens_BT.shape[1]} tokens given for a {mask.kind.value} mask of "
+                       f"{mask.num_tokens} tokens")
+    embedding_VD = self.param(  # kaiming_uniform(a=sqrt(5)) on [V, d]: U(+-1/sqrt(d))
+        "vocab_embed", nn.with_logical_partitioning(_torch_linear_init(cfg.d_model), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), jnp.float32)
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+    c_BC = None
+    if cfg.adaln:
+      if sigma_B is None or not cfg.time_conditioning:
+        sigma_B = jnp.zeros((tokens_BT.shape[0],), jnp.float32)
+      c_BC = nn.silu(TimestepEmbedder(cfg, name="sigma_map")(sigma_B))
+    rope = rotary_cos_sin(positions_for(mask), cfg.head_dim)
+    for i in range(cfg.n_layers):
+      x_BTD = Block(cfg, name=f"blocks_{i}")(x_BTD, c_BC, rope, mask, train)
+    if mask.kind is MaskKind.TRAINING:
+      x_BTD = x_BTD[:, :mask.seq_len]
+    return FinalLayer(cfg, name="output_layer")(x_BTD, c_BC)

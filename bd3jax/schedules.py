@@ -1,0 +1,118 @@
+"""Noise schedules and per-block masking: t sampling, the forward process, clipped resampling.
+
+A schedule maps t in [0, 1] to the move chance m(t) = 1 - alpha_t (the probability that a
+token is masked) and to the NELBO weight w(t) = -alpha'_t / (1 - alpha_t) = m'(t) / m(t).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIN_MOVE_CHANCE = 1e-3  # floor on m(t) for schedules that reach 0 faster than t (square)
+NO_LOWER_CLIP = 1e-3    # the reference's default beta: below or at it, no lower bound is enforced
+
+
+def _loglinear(t):
+  return t, 1.0 / t
+
+
+def _square(t):
+  return jnp.maximum(t * t, MIN_MOVE_CHANCE), 2.0 * t / jnp.maximum(t * t, MIN_MOVE_CHANCE)
+
+
+def _square_root(t):
+  return jnp.sqrt(t), 0.5 / t
+
+
+def _log(t):
+  m = jnp.log1p(t) / jnp.log(2.0)
+  return m, 1.0 / ((1.0 + t) * jnp.log1p(t))
+
+
+def _cosine(t):
+  m = 1.0 - jnp.cos(0.5 * jnp.pi * t)
+  return m, 0.5 * jnp.pi * jnp.sin(0.5 * jnp.pi * t) / m
+
+
+# "linear" is the paper's name for 1 - alpha_t ~ U[0, 1], i.e. the loglinear schedule.
+SCHEDULES = {
+    "loglinear": _loglinear,
+    "linear": _loglinear,
+    "square": _square,
+    "square_root": _square_root,
+    "log": _log,
+    "cosine": _cosine,
+}
+
+
+def move_chance_and_weight(t, schedule: str):
+  """(m(t), w(t)) for a named schedule; t must be in (0, 1]."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"noise.schedule {schedule!r} is not one of {sorted(SCHEDULES)}")
+  return SCHEDULES[schedule](t)
+
+
+def sample_t(key, batch: int, n_blocks: int, clip_min: float, clip_max: float,
+             antithetic: bool = True):
+  """One t per (sequence, block), [batch, n_blocks], in [clip_min, clip_max].
+
+  Low-discrepancy (antithetic) draws as in the reference: with N = batch * n_blocks,
+  t_k = (u_k / N + k / N) mod 1, one point in each of the N strata, then rescaled to
+  the clipped range. clip_min = clip_max = 1 is full masking (t = 1 everywhere).
+  """
+  u_BN = jax.random.uniform(key, (batch, n_blocks))
+  if antithetic:
+    n = batch * n_blocks
+    offset_BN = (jnp.arange(n, dtype=jnp.float32) / n).reshape(batch, n_blocks)
+    u_BN = (u_BN / n + offset_BN) % 1.0
+  return clip_min + (clip_max - clip_min) * u_BN
+
+
+def valid_masked_counts(block_size: int, clip_min: float, clip_max: float):
+  """Static boolean [block_size + 1]: which numbers of masked tokens per block resampling accepts.
+
+  As in the reference, the lower bound is enforced only when clip_min > 1e-3 and the upper
+  bound only when clip_max < 1. All True means resampling never redraws anything.
+  """
+  frac = np.arange(block_size + 1) / block_size
+  ok = np.ones(block_size + 1, bool)
+  if clip_min > NO_LOWER_CLIP:
+    ok &= frac >= clip_min
+  if clip_max < 1.0:
+    ok &= frac <= clip_max
+  return ok
+
+
+def has_valid_masked_count(block_size: int, clip_min: float, clip_max: float) -> bool:
+  return bool(valid_masked_counts(block_size, clip_min, clip_max).any())
+
+
+def _binomial_log_pmf(n: int, p_BN):
+  k = jnp.arange(n + 1, dtype=jnp.float32)
+  log_choose = (jax.lax.lgamma(n + 1.0) - jax.lax.lgamma(k + 1.0) - jax.lax.lgamma(n - k + 1.0))
+  p = p_BN[..., None]
+  return log_choose + jax.scipy.special.xlogy(k, p) + jax.scipy.special.xlog1py(n - k, -p)
+
+
+def sample_masked(key, p_BN, block_size: int, clip_min: float = 0.0, clip_max: float = 1.0,
+                  resample: bool = False):
+  """Which tokens to mask, [B, N * block_size] bool; token i of block b masked w.p. p_BN[:, b].
+
+  Without resampling each token is an independent Bernoulli(p). With resampling, the
+  reference redraws a whole block until its masked fraction lies in [clip_min, clip_max];
+  the accepted draw is distributed as Bernoulli(p)^L' conditioned on its count K being
+  valid, i.e. K ~ Binomial(L', p) truncated to the valid counts, then a uniformly random
+  subset of K positions (the i.i.d. draw is exchangeable). We sample exactly that: K from
+  the truncated binomial pmf, positions from the ranks of uniform noise; no loop, so it jits.
+  """
+  batch, n_blocks = p_BN.shape
+  ok_K = valid_masked_counts(block_size, clip_min, clip_max)
+  key_count, key_pos = jax.random.split(key)
+  if not resample or bool(ok_K.all()):
+    u_BNL = jax.random.uniform(key_pos, (batch, n_blocks, block_size))
+    return (u_BNL < p_BN[..., None]).reshape(batch, -1)
+  log_pmf_BNK = jnp.where(ok_K, _binomial_log_pmf(block_size, p_BN), -jnp.inf)
+  count_BN = jax.random.categorical(key_count, log_pmf_BNK)
+  noise_BNL = jax.random.uniform(key_pos, (batch, n_blocks, block_size))
+  rank_BNL = jnp.argsort(jnp.argsort(noise_BNL, axis=-1), axis=-1)
+  return (rank_BNL < count_BN[..., None]).reshape(batch, -1)

@@ -1,0 +1,80 @@
+"""Defaults shared by every experiment config; each config file overrides what it needs."""
+
+import ml_collections
+
+MODEL_SIZES = {
+    # name: (n_layers, d_model, n_heads, cond_dim), as in the reference DiT.
+    "tiny": (8, 256, 8, 64),
+    "small": (12, 768, 12, 128),
+    "medium": (24, 1024, 16, 128),
+}
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+  """The network hyperparameters of a named size (tiny / small / medium)."""
+  n_layers, d_model, n_heads, cond_dim = MODEL_SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      n_layers=n_layers,
+      d_model=d_model,
+      n_heads=n_heads,
+      cond_dim=cond_dim,
+      mlp_ratio=4,
+      dropout=0.1,
+      time_conditioning=False,
+      dtype="bfloat16",      # compute dtype; parameters are always float32
+      attention="dense",     # dense | xla | cudnn
+  ))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+  # bd3lm: block diffusion (block_size == length is MDLM, block_size == 1 with
+  # full masking is an AR model trained through the diffusion loss).
+  # ar: plain causal next-token model (no adaLN), same network code.
+  config.algo = "bd3lm"
+  config.length = 1024
+  config.block_size = 16
+  config.model = model_config("small")
+  config.init_from = ""      # a workdir or checkpoint directory to take parameters from
+
+  config.noise = ml_collections.ConfigDict(dict(
+      schedule="loglinear",  # loglinear (the paper's "linear") | cosine | square | square_root | log
+      clip_min=1e-3,         # beta: lower end of the masking-rate interval
+      clip_max=1.0,          # omega: upper end
+      resample=True,         # redraw blocks whose realised mask fraction is outside [beta, omega]
+      antithetic=True,       # low-discrepancy t across (batch, block)
+  ))
+
+  config.data = ml_collections.ConfigDict(dict(
+      source="text",         # text (local files) | demo (bundled Python documentation)
+      train_files="",        # comma-separated globs of .txt / .jsonl files
+      valid_files="",        # empty: hold out valid_fraction of the documents
+      valid_fraction=0.02,
+      text_key="text",       # JSONL field holding the text
+      tokenizer_path="",     # sentencepiece .model; empty: train one on the training split
+      vocab_size=8192,       # size of a trained sentencepiece vocabulary (mask token included)
+      wrap="bos_eos",        # bos_eos: [BOS] + L-2 tokens + [EOS] chunks | eos: EOS after each document
+      shuffle=True,
+      num_workers=0,         # grain worker processes (0: in the main process)
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=512,        # global batch, sequences
+      grad_accum=1,          # micro-batches per optimiser step
+      num_steps=1_000_000,
+      lr=3e-4,
+      warmup_steps=2500,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      ema=0.9999,            # 0 disables the EMA
+      log_every=100,
+      eval_every=5000,
+      eval_batches=16,
+      checkpoint_every=5000,
+      keep_checkpoints=3,
+  ))
+  return config

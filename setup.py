@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bd3jax",
+    version="0.1.0",
+    description="Block Diffusion language models (BD3-LM) in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["bd3jax", "bd3jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.4",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.12.4",
+        "grain>=0.2.18",
+        "sentencepiece>=0.2.0",
+        "ml-collections>=1.0",
+        "chex>=0.1.90",
+        "absl-py",
+        "numpy",
+        "tensorboardX>=2.6",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+)

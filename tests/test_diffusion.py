@@ -1,0 +1,107 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import MASK_ID, VOCAB, apply_fn, random_params, random_tokens, tiny_model
+
+from bd3jax import diffusion
+from bd3jax.diffusion import LossConfig
+from bd3jax.masks import AttentionMask, MaskKind
+
+
+def test_subs_log_prob():
+  logits = jnp.array([[[0.0, 1.0, 2.0, 50.0]]] * 2).reshape(1, 2, 4)
+  x0 = jnp.array([[1, 2]])
+  masked = jnp.array([[True, False]])
+  out = diffusion.subs_log_prob(logits, x0, masked, mask_id=3)
+  expected = 1.0 - np.log(np.exp(0) + np.exp(1) + np.exp(2))
+  np.testing.assert_allclose(out, [[expected, 0.0]], rtol=1e-6)
+
+
+def test_full_masking_block_size_one_is_the_ar_nll(rng):
+  """L' = 1, t = 1: the NELBO is the NLL of the network run left to right, token by token."""
+  L = 8
+  cfg = LossConfig("bd3lm", L, 1, MASK_ID, clip_min=1.0, clip_max=1.0)
+  model = tiny_model()
+  x0 = random_tokens(rng, 2, L)
+  params = random_params(model, jnp.concatenate([x0, x0], 1), AttentionMask(MaskKind.TRAINING, L, 1))
+  fn = apply_fn(model, params)
+  loss, aux = diffusion.nelbo(fn, x0, jax.random.key(0), cfg, train=False)
+  nll = []
+  for i in range(L):
+    seq = jnp.concatenate([x0[:, :i], jnp.full((2, 1), MASK_ID)], 1)
+    logits = fn(seq, None, AttentionMask(MaskKind.BLOCK_CAUSAL, i + 1, 1))[:, -1]
+    logits = logits.at[:, MASK_ID].set(-jnp.inf)
+    nll.append(-jax.nn.log_softmax(logits)[jnp.arange(2), x0[:, i]])
+  ar_nll = jnp.stack(nll, 1)
+  np.testing.assert_allclose(loss, ar_nll.mean(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(aux["token_loss"], ar_nll, rtol=1e-5, atol=1e-5)
+
+
+def test_block_nelbo_is_the_loss_averaged_per_block(rng):
+  L, Lb = 16, 4
+  cfg = LossConfig("bd3lm", L, Lb, MASK_ID)
+  model = tiny_model()
+  x0 = random_tokens(rng, 3, L)
+  params = random_params(model, jnp.concatenate([x0, x0], 1), AttentionMask(MaskKind.TRAINING, L, Lb))
+  loss, aux = diffusion.nelbo(apply_fn(model, params), x0, jax.random.key(1), cfg, train=False)
+  assert aux["block_nelbo"].shape == (3, 4)
+  np.testing.assert_allclose(aux["block_nelbo"].mean(), loss, rtol=1e-6)
+  np.testing.assert_allclose(aux["block_nelbo"], aux["token_loss"].reshape(3, 4, 4).mean(-1), rtol=1e-6)
+
+
+def test_mdlm_is_one_block_of_full_attention(rng):
+  """block_size == length runs x_t alone with bidirectional attention."""
+  L = 8
+  cfg = LossConfig("bd3lm", L, L, MASK_ID)
+  seen = []
+  def fake_apply(tokens, sigma, mask, train):
+    seen.append(mask)
+    return jnp.zeros(tokens.shape + (VOCAB,))
+  diffusion.nelbo(fake_apply, random_tokens(rng, 2, L), jax.random.key(0), cfg)
+  assert seen == [AttentionMask(MaskKind.FULL, L, L)]
+
+
+def test_ar_algo_is_next_token_prediction(rng):
+  L = 8
+  cfg = LossConfig("ar", L, 1, MASK_ID)
+  model = tiny_model(adaln=False)
+  x0 = random_tokens(rng, 2, L)
+  params = random_params(model, x0[:, :-1], AttentionMask(MaskKind.BLOCK_CAUSAL, L - 1, 1))
+  fn = apply_fn(model, params)
+  loss, aux = diffusion.nelbo(fn, x0, jax.random.key(0), cfg, train=False)
+  logits = fn(x0[:, :-1], None, AttentionMask(MaskKind.BLOCK_CAUSAL, L - 1, 1))
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), x0[:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(loss, nll.mean(), rtol=1e-6)
+  assert float(aux["token_loss"][:, 0].max()) == 0.0
+
+
+def test_loss_compiles_once_and_decreases(rng):
+  L, Lb = 16, 4
+  cfg = LossConfig("bd3lm", L, Lb, MASK_ID, clip_min=0.3, clip_max=0.8)
+  model = tiny_model(dropout=0.1)
+  mask = AttentionMask(MaskKind.TRAINING, L, Lb)
+  x0 = random_tokens(rng, 8, L) % 5  # a learnable corpus: 5 symbols
+  params = random_params(model, jnp.concatenate([x0, x0], 1), mask)
+  opt = optax.adamw(3e-3)
+  opt_state = opt.init(params)
+  traces = []
+
+  @jax.jit
+  def step(params, opt_state, key):
+    traces.append(1)
+    k_loss, k_drop = jax.random.split(key)
+    def loss_fn(p):
+      fn = lambda t, s, m, train: model.apply({"params": p}, t, s, m, train=train, rngs={"dropout": k_drop})
+      return diffusion.nelbo(fn, x0, k_loss, cfg)[0]
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for i in range(40):
+    params, opt_state, loss = step(params, opt_state, jax.random.key(i))
+    losses.append(float(loss))
+  assert len(traces) == 1
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
