@@ -1,0 +1,212 @@
+"""The training loop: data, state, resume, metrics, evaluation, checkpoints, preemption."""
+
+import contextlib
+import dataclasses
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from bd3jax import checkpoint, evaluate, flops, metrics, train
+from bd3jax import config as config_lib
+from bd3jax.data import build_data, make_train_iterator
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient norm became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run is built from, before its first step."""
+  task: train.Task
+  data: object
+  train_iter: object
+  state: train.TrainState
+  start_step: int
+
+
+def _log0(msg, *args):
+  if jax.process_index() == 0:
+    logging.info(msg, *args)
+
+
+def setup(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Setup:
+  """Builds data and state, restoring the latest checkpoint in `workdir` if there is one."""
+  config_lib.validate(config)
+  step = ckpt.latest_step
+  meta = ckpt.restore_meta(step) if step is not None else None
+  if meta is None and config.init_from:
+    meta_source = checkpoint.read_meta(config.init_from)
+  else:
+    meta_source = meta
+  tokenizer = checkpoint.tokenizer_from_meta(meta_source) if meta_source else None
+  data = build_data(config, tokenizer)
+  tok = data.tokenizer
+  if data.n_replaced_chars:
+    logging.warning("replaced %d invalid UTF-8 sequences in the corpus", data.n_replaced_chars)
+  for tokens in (data.train_tokens_NL, data.valid_tokens_NL):
+    config_lib.validate_tokens(tokens, tok.vocab_size, tok.mask_id)
+  task = train.Task.from_config(config, tok.vocab_size, tok.mask_id)
+  if meta is not None:
+    checkpoint.check_architecture(meta, config, tok.vocab_size, where=str(workdir))
+  train_iter = make_train_iterator(
+      data.train_tokens_NL, batch_size=config.train.batch_size, seed=config.seed,
+      shuffle=config.data.shuffle, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=config.data.num_workers)
+  init = jax.jit(lambda key: train.init_state(task, task.init_params(key)))
+  abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
+  if step is not None:
+    state = ckpt.restore(step, abstract_state, train_iter)
+    _log0("resumed from the checkpoint of step %d in %s", step, workdir)
+  elif config.init_from:
+    params = checkpoint.load_params(config.init_from, abstract_state, config, tok.vocab_size)
+    state = jax.jit(lambda p: train.init_state(task, p))(params)
+    _log0("initialised the parameters from %s", config.init_from)
+  else:
+    state = init(jax.random.key(config.seed))
+  return Setup(task, data, train_iter, state, int(step or 0))
+
+
+@contextlib.contextmanager
+def _preemption_flag():
+  """Yields a one-element list set to True when SIGTERM arrives (e.g. a TPU preemption)."""
+  flag = [False]
+  def handler(signum, frame):
+    logging.warning("received signal %d: saving a checkpoint and stopping", signum)
+    flag[0] = True
+  try:
+    previous = signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not in the main thread: no handler, no flag
+    yield flag
+    return
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+class _Window:
+  """Metrics of the steps since the last flush, kept on device until flushed."""
+
+  def __init__(self):
+    self.pending, self.start_time = [], time.perf_counter()
+
+  def flush(self, first_step: int) -> dict | None:
+    """Fetches pending metrics; raises on a non-finite loss or gradient norm."""
+    if not self.pending:
+      return None
+    fetched = jax.device_get(self.pending)
+    for i, m in enumerate(fetched):
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+        raise NonFiniteLossError(
+            f"loss {m['loss']} / gradient norm {m['grad_norm']} at step {first_step + i + 1}")
+    elapsed = time.perf_counter() - self.start_time
+    out = {"steps": len(fetched), "seconds": elapsed,
+           "loss": float(np.mean([m["loss"] for m in fetched])),
+           "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+           "block_nelbo": np.mean([m["block_nelbo"] for m in fetched], axis=0),
+           "last_loss": float(fetched[-1]["loss"])}
+    self.pending, self.start_time = [], time.perf_counter()
+    return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns final metrics."""
+  t = config.train
+  ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
+  s = setup(config, workdir, ckpt)
+  task, state, tok = s.task, s.state, s.data.tokenizer
+  step_fn = train.jit_train_step(task)
+  eval_step = train.jit_eval_step(evaluate.eval_task(task))
+  lr_at = train.learning_rate_schedule(config)
+  tokens_per_step = t.batch_size * config.length
+  flops_per_step = flops.train_flops_per_sequence(task.model.cfg, task.loss_cfg) * t.batch_size
+  peak = flops.peak_flops_per_device()
+  is_main = jax.process_index() == 0
+  writer = metrics.MetricWriter(workdir, enabled=is_main)
+  last_good = ckpt.latest_step
+
+  def run_eval(step):
+    result = evaluate.evaluate(eval_step, state.ema_params, s.data.valid_tokens_NL,
+                               batch_size=t.batch_size, max_batches=t.eval_batches,
+                               seed=config.seed)
+    writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+    _log0("step %d: held-out NELBO %.4f, perplexity %.2f", step, result["nelbo"], result["ppl"])
+    return result
+
+  def save(step):
+    nonlocal last_good
+    window_check = window.flush(step - len(window.pending))
+    if window_check:
+      write_window(step, window_check)
+    ckpt.save(step, state, s.train_iter, config, tok)
+    last_good = step
+
+  def write_window(step, w):
+    scalars = {"train/loss": w["loss"], "train/grad_norm": w["grad_norm"],
+               "train/lr": float(lr_at(step)),
+               "train/tokens_per_s": w["steps"] * tokens_per_step / w["seconds"],
+               "train/steps_per_s": w["steps"] / w["seconds"]}
+    if peak:
+      scalars["train/mfu"] = w["steps"] * flops_per_step / w["seconds"] / (peak * jax.device_count())
+    scalars.update(metrics.block_scalars("train/nelbo_block", w["block_nelbo"]))
+    writer.write(step, scalars)
+    if bar is not None:
+      bar.set_postfix(loss=f"{w['last_loss']:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+
+  bar = None
+  if is_main:
+    from tqdm import tqdm
+    bar = tqdm(total=t.num_steps, initial=s.start_step, desc="train", unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+  window = _Window()
+  step = s.start_step
+  try:
+    with _preemption_flag() as preempted:
+      while step < t.num_steps and not preempted[0]:
+        batch = next(s.train_iter)
+        state, m = step_fn(state, batch)
+        window.pending.append(m)
+        step += 1
+        if bar is not None:
+          bar.update(1)
+        if step % t.log_every == 0:
+          write_window(step, window.flush(step - len(window.pending)))
+        if step % t.eval_every == 0:
+          run_eval(step)
+        if step % t.checkpoint_every == 0 or step == t.num_steps or preempted[0]:
+          save(step)
+    ckpt.wait()
+    if preempted[0]:
+      _log0("preempted: stopped at step %d with its checkpoint saved", step)
+      return {"step": step, "preempted": True}
+    result = run_eval(step)
+  except NonFiniteLossError as e:
+    ckpt.wait()
+    raise NonFiniteLossError(f"{e}; training stopped, the last good checkpoint is step "
+                             f"{last_good} in {workdir}") from None
+  finally:
+    if bar is not None:
+      bar.close()
+    writer.close()
+    ckpt.close()
+  return {"step": step, **result}
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """Held-out NELBO and perplexity of the latest checkpoint's EMA parameters in `workdir`."""
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  try:
+    if ckpt.latest_step is None:
+      raise checkpoint.CheckpointError(f"no checkpoint in {workdir}; train first")
+    s = setup(config, workdir, ckpt)
+  finally:
+    ckpt.close()
+  eval_step = train.jit_eval_step(evaluate.eval_task(s.task))
+  result = evaluate.evaluate(eval_step, s.state.ema_params, s.data.valid_tokens_NL,
+                             batch_size=config.train.batch_size,
+                             max_batches=config.train.eval_batches, seed=config.seed)
+  return {"step": s.start_step, **result}
