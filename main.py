@@ -6,6 +6,8 @@
 Running the same command again resumes from the latest checkpoint in --workdir.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -27,10 +29,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from bd3jax import run
   config = _CONFIG.value
-  if _MODE.value == "train":
-    result = run.train_and_evaluate(config, _WORKDIR.value)
-  else:
-    result = run.evaluate_workdir(config, _WORKDIR.value)
+  try:
+    if _MODE.value == "train":
+      result = run.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      result = run.evaluate_workdir(config, _WORKDIR.value)
+  except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
+    if logging.get_verbosity() > logging.INFO:  # --verbosity=1 shows the traceback
+      raise
+    sys.exit(f"error: {e}")
   if "ppl" in result:
     print(f"step {result['step']}: held-out NELBO {result['nelbo']:.4f} nats/token, "
           f"perplexity {result['ppl']:.2f}")

@@ -6,7 +6,6 @@ import jax
 import numpy as np
 
 from bd3jax import train
-from bd3jax.data import eval_batches
 
 EVAL_CLIP = (1e-3, 1.0)  # t ~ U[1e-3, 1] for the bound, whatever range training used
 
@@ -20,14 +19,12 @@ def eval_task(task: train.Task) -> train.Task:
       cfg, clip_min=EVAL_CLIP[0], clip_max=EVAL_CLIP[1], resample=False))
 
 
-def evaluate(eval_step, params, tokens_NL, *, batch_size: int, max_batches: int, seed: int) -> dict:
-  """Mean NELBO per token (the first token of each row, BOS, is context and not scored),
-  perplexity, and the variance across sequences of each block's NELBO, summed over blocks."""
-  batch_size = min(batch_size, len(tokens_NL))
+def evaluate(eval_step, params, batches, *, seed: int) -> dict:
+  """Mean NELBO per token over `batches` of [B, L] tokens (the first token of each row, BOS,
+  is context and not scored), perplexity, and the variance across sequences of each block's
+  NELBO, summed over blocks. The t draws depend only on `seed` and the batch index."""
   nelbo_sum, n_tokens, block_nelbos = 0.0, 0, []
-  for i, x0_BL in enumerate(eval_batches(tokens_NL, batch_size)):
-    if i == max_batches:
-      break
+  for i, x0_BL in enumerate(batches):
     key = jax.random.fold_in(jax.random.key(seed), i)
     token_loss_BL, block_nelbo_BN = jax.device_get(eval_step(params, x0_BL, key))
     nelbo_sum += float(token_loss_BL[:, 1:].sum())

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import itertools
 import signal
 import time
 
@@ -11,7 +12,13 @@ from absl import logging
 
 from bd3jax import checkpoint, evaluate, flops, metrics, train
 from bd3jax import config as config_lib
-from bd3jax.data import build_data, make_train_iterator
+from bd3jax.data import build_data, eval_batches, make_train_iterator
+
+
+def _valid_batches(config, data):
+  """The first `train.eval_batches` held-out batches, in order."""
+  batch_size = min(config.train.batch_size, len(data.valid_tokens_NL))
+  return itertools.islice(eval_batches(data.valid_tokens_NL, batch_size), config.train.eval_batches)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -130,8 +137,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   last_good = ckpt.latest_step
 
   def run_eval(step):
-    result = evaluate.evaluate(eval_step, state.ema_params, s.data.valid_tokens_NL,
-                               batch_size=t.batch_size, max_batches=t.eval_batches,
+    result = evaluate.evaluate(eval_step, state.ema_params, _valid_batches(config, s.data),
                                seed=config.seed)
     writer.write(step, {f"eval/{k}": v for k, v in result.items()})
     _log0("step %d: held-out NELBO %.4f, perplexity %.2f", step, result["nelbo"], result["ppl"])
@@ -206,7 +212,6 @@ def evaluate_workdir(config, workdir: str) -> dict:
   finally:
     ckpt.close()
   eval_step = train.jit_eval_step(evaluate.eval_task(s.task))
-  result = evaluate.evaluate(eval_step, s.state.ema_params, s.data.valid_tokens_NL,
-                             batch_size=config.train.batch_size,
-                             max_batches=config.train.eval_batches, seed=config.seed)
+  result = evaluate.evaluate(eval_step, s.state.ema_params, _valid_batches(config, s.data),
+                             seed=config.seed)
   return {"step": s.start_step, **result}

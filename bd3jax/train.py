@@ -131,7 +131,7 @@ def train_step(task: Task, state: TrainState, batch):
     ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
   else:
     ema_params = params
-  metrics = {"loss": loss, "block_nelbo": block_nelbo_N, "grad_norm": optax.global_norm(grads)}
+  metrics = {"loss": loss, "block_nelbo": block_nelbo_N, "grad_norm": optax.tree.norm(grads)}
   return TrainState(num_updates, params, opt_state, ema_params), metrics
 
 

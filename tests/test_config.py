@@ -48,3 +48,15 @@ def test_validate_tokens():
     config_lib.validate_tokens(tokens, vocab_size=10, mask_id=3)
   with pytest.raises(ValueError, match="mask id 10 is outside"):
     config_lib.validate_tokens(tokens, vocab_size=10, mask_id=10)
+
+
+@pytest.mark.parametrize("name", ["demo", "lm1b_bd3lm", "lm1b_mdlm", "lm1b_ar", "owt_bd3lm",
+                                  "owt_mdlm", "owt_ar"])
+def test_shipped_configs_are_valid(name):
+  import importlib
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_lib.validate(config)
+  if name.endswith("_ar"):
+    assert config.algo == "ar" and config.block_size == 1
+  if name.endswith("_mdlm"):
+    assert config.block_size == config.length

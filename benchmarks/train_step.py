@@ -1,0 +1,95 @@
+"""Speed of the bare jitted train step and eval step, on random tokens.
+
+  python benchmarks/train_step.py                       # small model, L=1024, L'=16, batch 16, bf16
+  python benchmarks/train_step.py --config.model.attention=cudnn
+  python benchmarks/train_step.py --config=configs/demo.py --batch_size=8 --steps=3 --warmup=1
+
+Prints one JSON line. Conventions:
+- train step: `train.jit_train_step(task)` (AdamW, grad clipping, EMA; the state donated),
+  on one device, one fixed batch of uniform random ids in [0, vocab_size - 1) already on
+  device; mask id = vocab_size - 1. No data pipeline, logging or checkpointing.
+- eval step: `train.jit_eval_step` of the evaluation task (t ~ U[1e-3, 1], no resampling,
+  no dropout) on the same batch.
+- timing: first call = compile (`compile_s`), `--warmup` calls in all before timing, then
+  the median over `--steps` calls, each ended by `jax.block_until_ready`.
+- tokens_per_s = batch * L / step time (tokens of the L-long sequences, not the 2L the
+  network runs over); eval_tokens_per_s the same for the eval step.
+- model_tflops_per_s: `bd3jax.flops.train_flops_per_sequence` * batch / step time (the
+  convention string is printed as `flop_convention`); mfu divides by one device's dense bf16
+  peak from `bd3jax.flops.peak_flops_per_device()`, null where unknown (CPU).
+- peak_memory_gib: the device's peak bytes in use, null where not reported (CPU).
+"""
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from bd3jax import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(common.ROOT, "configs", "base.py"),
+    "Config file; override fields with --config.KEY=VALUE.", lock_config=True)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per step (sets config.train.batch_size).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 50258, "Vocabulary size, [MASK] (the last id) included.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed calls of each step.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls before timing, the compiling one included.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tokens.")
+
+
+def eval_task(task: train.Task) -> train.Task:
+  """The evaluation task, built as `bd3jax.evaluate.eval_task` does (that module needs grain)."""
+  cfg = task.loss_cfg
+  if cfg.full_masking:
+    return task
+  return dataclasses.replace(task, loss_cfg=dataclasses.replace(
+      cfg, clip_min=1e-3, clip_max=1.0, resample=False))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config, batch_size, vocab = _CONFIG.value, _BATCH.value, _VOCAB.value
+  config.train.batch_size = batch_size
+  task = train.Task.from_config(config, vocab, vocab - 1)
+  state = jax.jit(lambda k: train.init_state(task, task.init_params(k)))(
+      jax.random.key(config.seed))
+  x0_BL = jax.random.randint(jax.random.key(_SEED.value), (batch_size, config.length), 0, vocab - 1)
+  batch = {"tokens": x0_BL}
+
+  step_fn = train.jit_train_step(task)
+  state, compile_s, times = common.time_train_steps(
+      step_fn, state, batch, warmup=_WARMUP.value, steps=_STEPS.value)
+  step_s = common.median(times)
+
+  eval_fn = train.jit_eval_step(eval_task(task))
+  eval_compile_s, eval_times = common.time_calls(
+      eval_fn, state.params, x0_BL, jax.random.key(1), warmup=_WARMUP.value, steps=_STEPS.value)
+  eval_s = common.median(eval_times)
+
+  tokens = batch_size * config.length
+  common.emit({
+      "benchmark": "train_step",
+      **common.config_summary(config, batch_size, vocab),
+      **common.device_summary(),
+      "steps": _STEPS.value, "warmup": _WARMUP.value,
+      "compile_s": compile_s,
+      "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
+      "tokens_per_s": tokens / step_s,
+      **common.throughput(task, batch_size, step_s),
+      "eval_compile_s": eval_compile_s,
+      "eval_step_ms": 1e3 * eval_s,
+      "eval_tokens_per_s": tokens / eval_s,
+      "peak_memory_gib": common.peak_memory_gib(),
+      "flop_convention": common.flop_convention(),
+  })
+
+
+if __name__ == "__main__":
+  app.run(main)

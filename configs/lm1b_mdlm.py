@@ -1,0 +1,11 @@
+"""MDLM on LM1B: one block of L = 128 tokens."""
+
+from configs import lm1b_bd3lm
+
+
+def get_config():
+  config = lm1b_bd3lm.get_config()
+  config.block_size = config.length
+  config.noise.clip_min = 1e-3
+  config.noise.clip_max = 1.0
+  return config

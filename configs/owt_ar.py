@@ -1,0 +1,12 @@
+"""Autoregressive baseline on OpenWebText: causal next-token prediction, no adaLN."""
+
+from configs import owt_bd3lm
+
+
+def get_config():
+  config = owt_bd3lm.get_config()
+  config.algo = "ar"
+  config.block_size = 1
+  config.noise.clip_min = 1e-3
+  config.noise.clip_max = 1.0
+  return config
