@@ -6,10 +6,13 @@
 Running the same command again resumes from the latest checkpoint in --workdir.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+import bd3jax
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py); override any field with "
@@ -18,30 +21,56 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory (local or gs://) for checkpoints, TensorBoard events and "
     "metrics.jsonl; a run restarted with the same workdir resumes.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval"],
-    "train: train (resuming if possible), then report held-out perplexity; eval: held-out "
-    "perplexity of the workdir's latest checkpoint (EMA weights).")
+    "mode", "train", ["train", "eval", "sample"],
+    "train: train (resuming if possible), then report held-out perplexity and print "
+    "config.sample.num_samples samples; eval: held-out perplexity of the workdir's latest "
+    "checkpoint (EMA weights); sample: write samples of it to WORKDIR/samples.jsonl.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _print_samples(samples, workdir):
+  for i, row in enumerate(samples):
+    print(f"--- sample {i} ({row['length']} tokens) ---\n{row['text']}")
+  print(f"samples written to {workdir}/samples.jsonl")
+
+
+def _run(config, mode: str, workdir: str) -> None:
+  from bd3jax import run  # imports jax: after flag parsing, so --help stays fast
+  if mode == "sample":
+    _print_samples(run.sample_workdir(config, workdir), workdir)
+    return
+  if mode == "train":
+    result = run.train_and_evaluate(config, workdir)
+    if result.get("preempted"):
+      return
+  else:
+    result = run.evaluate_workdir(config, workdir)
+  print(f"step {result['step']}: held-out NELBO {result['nelbo']:.4f} nats/token, "
+        f"perplexity {result['ppl']:.2f}")
+  if mode == "train" and config.sample.num_samples > 0:
+    _print_samples(run.sample_workdir(config, workdir), workdir)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(bd3jax.__file__)) + os.sep
+
+
+def _quiet_libraries(record) -> bool:
+  """At the default verbosity, INFO lines come from bd3jax only (orbax and grain are chatty)."""
+  return (record.levelno >= logging.converter.STANDARD_WARNING
+          or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
+          or logging.get_verbosity() > logging.INFO)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from bd3jax import run
-  config = _CONFIG.value
+  logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
-    if _MODE.value == "train":
-      result = run.train_and_evaluate(config, _WORKDIR.value)
-    else:
-      result = run.evaluate_workdir(config, _WORKDIR.value)
+    _run(_CONFIG.value, _MODE.value, _WORKDIR.value)
   except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
     if logging.get_verbosity() > logging.INFO:  # --verbosity=1 shows the traceback
       raise
     sys.exit(f"error: {e}")
-  if "ppl" in result:
-    print(f"step {result['step']}: held-out NELBO {result['nelbo']:.4f} nats/token, "
-          f"perplexity {result['ppl']:.2f}")
-  logging.info("done: %s", result)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def _read_only_manager(path: str) -> ocp.CheckpointManager:
     root = root / "checkpoints"
   if not root.exists():
     raise CheckpointError(f"{path} does not exist; give a workdir or its checkpoints directory")
-  return ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+  return ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0))
 
 
 def _latest_step(manager, path) -> int:

@@ -3,14 +3,16 @@
 import contextlib
 import dataclasses
 import itertools
+import json
 import signal
 import time
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
-from bd3jax import checkpoint, evaluate, flops, metrics, train
+from bd3jax import checkpoint, evaluate, flops, metrics, sampling, train
 from bd3jax import config as config_lib
 from bd3jax.data import build_data, eval_batches, make_train_iterator
 
@@ -135,12 +137,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   writer = metrics.MetricWriter(workdir, enabled=is_main)
   last_good = ckpt.latest_step
+  last_eval = {}
 
   def run_eval(step):
     result = evaluate.evaluate(eval_step, state.ema_params, _valid_batches(config, s.data),
                                seed=config.seed)
     writer.write(step, {f"eval/{k}": v for k, v in result.items()})
     _log0("step %d: held-out NELBO %.4f, perplexity %.2f", step, result["nelbo"], result["ppl"])
+    last_eval.update(result, step=step)
     return result
 
   def save(step):
@@ -189,7 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if preempted[0]:
       _log0("preempted: stopped at step %d with its checkpoint saved", step)
       return {"step": step, "preempted": True}
-    result = run_eval(step)
+    result = last_eval if last_eval.get("step") == step else run_eval(step)
   except NonFiniteLossError as e:
     ckpt.wait()
     raise NonFiniteLossError(f"{e}; training stopped, the last good checkpoint is step "
@@ -199,7 +203,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       bar.close()
     writer.close()
     ckpt.close()
-  return {"step": step, **result}
+  return {**result, "step": step}
 
 
 def evaluate_workdir(config, workdir: str) -> dict:
@@ -215,3 +219,27 @@ def evaluate_workdir(config, workdir: str) -> dict:
   result = evaluate.evaluate(eval_step, s.state.ema_params, _valid_batches(config, s.data),
                              seed=config.seed)
   return {"step": s.start_step, **result}
+
+
+def sample_workdir(config, workdir: str) -> list[dict]:
+  """Samples from the latest checkpoint's EMA parameters; writes WORKDIR/samples.jsonl."""
+  meta = checkpoint.read_meta(workdir)
+  tok = checkpoint.tokenizer_from_meta(meta)
+  task = train.Task.from_config(config, tok.vocab_size, tok.mask_id)
+  abstract_state = jax.eval_shape(lambda: train.init_state(task, task.init_params(jax.random.key(0))))
+  params = checkpoint.load_params(workdir, abstract_state, config, tok.vocab_size)
+  ar = config.algo == "ar"
+  sampler_cfg = sampling.SamplerConfig(
+      length=config.length, block_size=config.block_size, steps=1 if ar else config.sample.steps,
+      nucleus_p=config.sample.nucleus_p, autoregressive=ar)
+  generate = jax.jit(lambda p, key: sampling.sample(
+      task.apply_fn(p), key, config.sample.num_samples, sampler_cfg, bos_id=tok.bos_id,
+      mask_id=tok.mask_id))
+  tokens_BL = np.asarray(generate(params, jax.random.key(config.sample.seed)))
+  rows = [{"text": tok.decode(ids.tolist()), "tokens": ids.tolist(), "length": len(ids)}
+          for ids in tokens_BL]
+  if jax.process_index() == 0:
+    with (epath.Path(workdir) / "samples.jsonl").open("w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+  return rows

@@ -77,4 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
       checkpoint_every=5000,
       keep_checkpoints=3,
   ))
+
+  config.sample = ml_collections.ConfigDict(dict(
+      num_samples=4,
+      steps=16,              # denoising steps per block (AR: always 1)
+      nucleus_p=0.9,
+      seed=0,
+  ))
   return config

@@ -25,4 +25,5 @@ def get_config():
   t.eval_batches = 8
   t.checkpoint_every = 100
   t.keep_checkpoints = 2
+  config.sample.steps = 8
   return config
