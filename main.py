@@ -35,9 +35,9 @@ def _print_samples(samples, workdir):
 
 
 def _run(config, mode: str, workdir: str) -> None:
-  from bd3jax import run  # imports jax: after flag parsing, so --help stays fast
+  from bd3jax import api, run  # imports jax: after flag parsing, so --help stays fast
   if mode == "sample":
-    _print_samples(run.sample_workdir(config, workdir), workdir)
+    _print_samples(api.sample_workdir(config, workdir), workdir)
     return
   if mode == "train":
     result = run.train_and_evaluate(config, workdir)
@@ -48,7 +48,7 @@ def _run(config, mode: str, workdir: str) -> None:
   print(f"step {result['step']}: held-out NELBO {result['nelbo']:.4f} nats/token, "
         f"perplexity {result['ppl']:.2f}")
   if mode == "train" and config.sample.num_samples > 0:
-    _print_samples(run.sample_workdir(config, workdir), workdir)
+    _print_samples(api.sample_workdir(config, workdir), workdir)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(bd3jax.__file__)) + os.sep

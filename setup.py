@@ -23,6 +23,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # Published reference checkpoints (.safetensors files, HF folders and hub ids).
+        "reference": ["safetensors>=0.4", "huggingface_hub>=0.20"],
+        "notebook": ["matplotlib>=3.8", "ipykernel", "safetensors>=0.4"],
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel", "matplotlib>=3.8",
+                 "safetensors>=0.4"],
     },
 )

@@ -3,16 +3,14 @@
 import contextlib
 import dataclasses
 import itertools
-import json
 import signal
 import time
 
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 
-from bd3jax import checkpoint, evaluate, flops, metrics, sampling, train
+from bd3jax import checkpoint, evaluate, flops, metrics, train
 from bd3jax import config as config_lib
 from bd3jax.data import build_data, eval_batches, make_train_iterator
 
@@ -219,27 +217,3 @@ def evaluate_workdir(config, workdir: str) -> dict:
   result = evaluate.evaluate(eval_step, s.state.ema_params, _valid_batches(config, s.data),
                              seed=config.seed)
   return {"step": s.start_step, **result}
-
-
-def sample_workdir(config, workdir: str) -> list[dict]:
-  """Samples from the latest checkpoint's EMA parameters; writes WORKDIR/samples.jsonl."""
-  meta = checkpoint.read_meta(workdir)
-  tok = checkpoint.tokenizer_from_meta(meta)
-  task = train.Task.from_config(config, tok.vocab_size, tok.mask_id)
-  abstract_state = jax.eval_shape(lambda: train.init_state(task, task.init_params(jax.random.key(0))))
-  params = checkpoint.load_params(workdir, abstract_state, config, tok.vocab_size)
-  ar = config.algo == "ar"
-  sampler_cfg = sampling.SamplerConfig(
-      length=config.length, block_size=config.block_size, steps=1 if ar else config.sample.steps,
-      nucleus_p=config.sample.nucleus_p, autoregressive=ar)
-  generate = jax.jit(lambda p, key: sampling.sample(
-      task.apply_fn(p), key, config.sample.num_samples, sampler_cfg, bos_id=tok.bos_id,
-      mask_id=tok.mask_id))
-  tokens_BL = np.asarray(generate(params, jax.random.key(config.sample.seed)))
-  rows = [{"text": tok.decode(ids.tolist()), "tokens": ids.tolist(), "length": len(ids)}
-          for ids in tokens_BL]
-  if jax.process_index() == 0:
-    with (epath.Path(workdir) / "samples.jsonl").open("w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
-  return rows

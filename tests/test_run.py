@@ -56,7 +56,10 @@ def test_killed_run_resumes_bit_identically(tmp_path):
   a = main_py(full, "--config.train.num_steps=16")
   out, _ = a.communicate(timeout=600)
   assert a.returncode == 0, out
-  assert "perplexity" in out
+  assert "perplexity" in out and "samples written to" in out
+  samples = [json.loads(line) for line in (full / "samples.jsonl").read_text().splitlines()]
+  assert len(samples) == tiny_config.get_config().sample.num_samples
+  assert all(row["length"] == 32 and row["tokens"][0] == 2 for row in samples)  # BOS first
   reference = losses(full)
   assert sorted(reference) == list(range(1, 17))
 
