@@ -25,6 +25,18 @@ _MODE = flags.DEFINE_enum(
     "train: train (resuming if possible), then report held-out perplexity and print "
     "config.sample.num_samples samples; eval: held-out perplexity of the workdir's latest "
     "checkpoint (EMA weights); sample: write samples of it to WORKDIR/samples.jsonl.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Start JAX's multi-process runtime (jax.distributed.initialize) before anything else. "
+    "auto: when the launch has several processes (SLURM, Open MPI, multi-host TPU environment "
+    "variables) or --coordinator_address is given; on: always (TPU VM pods: the workers are "
+    "detected from the metadata server); off: never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for --distributed; default: detected.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes for --distributed; default: detected.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes); default: detected.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -61,11 +73,24 @@ def _quiet_libraries(record) -> bool:
           or logging.get_verbosity() > logging.INFO)
 
 
+def _start_distributed() -> None:
+  """Joins the other processes of a multi-host run; only process 0 then logs and prints."""
+  import jax
+  from bd3jax import parallel
+  started = parallel.initialize_distributed(
+      _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  if started and jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)
+    sys.stdout = open(os.devnull, "w")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
+    _start_distributed()
     _run(_CONFIG.value, _MODE.value, _WORKDIR.value)
   except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
     if logging.get_verbosity() > logging.INFO:  # --verbosity=1 shows the traceback

@@ -14,6 +14,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.12.4",
         "grain>=0.2.18",
+        "array-record>=0.8",
         "sentencepiece>=0.2.0",
         "ml-collections>=1.0",
         "chex>=0.1.90",
@@ -26,7 +27,11 @@ setup(
         # Published reference checkpoints (.safetensors files, HF folders and hub ids).
         "reference": ["safetensors>=0.4", "huggingface_hub>=0.20"],
         "notebook": ["matplotlib>=3.8", "ipykernel", "safetensors>=0.4"],
+        # Data sources and tokenizers beyond local text and sentencepiece (none needs TensorFlow).
+        "tfds": ["tensorflow-datasets>=4.9.9"],
+        "hf": ["datasets>=3.0", "huggingface_hub>=0.20"],
+        "gpt2": ["tiktoken>=0.7"],
         "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel", "matplotlib>=3.8",
-                 "safetensors>=0.4"],
+                 "safetensors>=0.4", "tensorflow-datasets>=4.9.9", "datasets>=3.0", "tiktoken>=0.7"],
     },
 )

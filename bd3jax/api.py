@@ -125,11 +125,6 @@ class BD3LM:
     return jax.jit(lambda params, x0, key, cfg: diffusion.nelbo(
         self._apply_fn(params), x0, key, cfg, train=False)[1]["token_loss"], static_argnums=(3,))
 
-  @functools.cached_property
-  def _sample_fn(self):
-    return jax.jit(lambda params, key, n, cfg: sampling.sample(
-        self._apply_fn(params), key, n, cfg, bos_id=self.ids.bos_id, mask_id=self.ids.mask_id),
-        static_argnums=(2, 3))
 
   def _loss_cfg(self, block_size: int, length: int) -> diffusion.LossConfig:
     return diffusion.LossConfig(
@@ -152,34 +147,80 @@ class BD3LM:
       raise ValueError(f"length {x0.shape[1]} is not a multiple of block_size {cfg.block_size}")
     return np.asarray(self._nelbo_fn(self.params, x0, jax.random.key(seed), cfg))
 
-  def generate_ids(self, num_samples: int, *, max_length: int | None = None,
-                   block_size: int | None = None, steps: int | None = None,
-                   nucleus_p: float = 0.9, seed: int = 0) -> np.ndarray:
-    """[num_samples, max_length] token ids, starting with BOS."""
+  def sample(self, num_samples: int, *, max_length: int | None = None,
+             block_size: int | None = None, steps: int | None = None, nucleus_p: float = 0.9,
+             seed: int = 0, rule: str = "ddpm", temperature: float = 1.0, prompts=None,
+             progress: bool = False) -> sampling.SampleOutput:
+    """Samples with the KV-cached sampler: BOS, the prompt (a list of token-id lists), then
+    blocks of `block_size` tokens denoised in up to `steps` steps each (see
+    `sampling.SamplerConfig` for the rules), each sequence stopping at its first EOS."""
     block_size = 1 if self.is_autoregressive else (block_size or self.block_size)
     cfg = sampling.SamplerConfig(
         length=max_length or self.length, block_size=block_size,
         steps=1 if self.is_autoregressive else (steps or block_size), nucleus_p=nucleus_p,
-        autoregressive=self.is_autoregressive)
-    if cfg.length > self.length:
-      raise ValueError(f"max_length {cfg.length} exceeds the model's context {self.length}")
-    return np.asarray(self._sample_fn(self.params, jax.random.key(seed), num_samples, cfg))
+        autoregressive=self.is_autoregressive, rule=rule, temperature=temperature,
+        context=self.length if (max_length or self.length) > self.length else None)
+    prompt_BP = prompt_len_B = None
+    if prompts is not None:
+      num_samples = len(prompts)
+      prompt_len_B = np.array([len(p) for p in prompts], np.int32)
+      prompt_BP = np.zeros((num_samples, max(prompt_len_B.max(initial=0), 1)), np.int32)
+      for row, p in zip(prompt_BP, prompts):
+        row[:len(p)] = p
+    hook = self._progress.start(cfg.n_blocks) if progress else None
+    try:
+      return sampling.generate(
+          self._model, self.params, jax.random.key(seed), cfg, bos_id=self.ids.bos_id,
+          mask_id=self.ids.mask_id, eos_id=self.ids.eos_id, num_samples=num_samples,
+          prompt_tokens=prompt_BP, prompt_lengths=prompt_len_B, on_block=hook)
+    finally:
+      if progress:
+        jax.effects_barrier()
+        self._progress.close()
+
+  def generate_ids(self, num_samples: int, **kwargs) -> list[np.ndarray]:
+    """Token ids of each sample, BOS first, up to and including its EOS (see `sample`)."""
+    out = jax.device_get(self.sample(num_samples, **kwargs))
+    return [ids[:n] for ids, n in zip(out.tokens_BS, out.lengths_B)]
 
   def generate(self, num_samples: int, **kwargs) -> list[str]:
-    """Decoded samples (see `generate_ids` for the options); needs a tokenizer."""
+    """Decoded samples (see `sample` for the options); needs a tokenizer."""
     if self.tokenizer is None:
       raise ValueError("this model has no tokenizer: use generate_ids, or load it with "
                        "tokenizer=...")
     return [self.tokenizer.decode(ids.tolist()) for ids in self.generate_ids(num_samples, **kwargs)]
 
+  @functools.cached_property
+  def _progress(self) -> "_BlockProgress":
+    return _BlockProgress()
+
+
+class _BlockProgress:
+  """A tqdm bar over generated blocks. One object per model: the sampler compiles once per
+  callback, so the bound method handed to it must stay the same across calls."""
+
+  def __init__(self):
+    self._bar = None
+
+  def start(self, total: int):
+    from tqdm.auto import tqdm
+    self._bar = tqdm(total=total, desc="blocks", unit="block")
+    return self.update
+
+  def update(self, block: int) -> None:
+    if self._bar is not None:
+      self._bar.update(1)
+
+  def close(self) -> None:
+    self._bar.close()
+    self._bar = None
 
 def sample_workdir(config, workdir: str) -> list[dict]:
   """`config.sample` samples of a run's latest checkpoint, also written to WORKDIR/samples.jsonl."""
   model = BD3LM.from_workdir(workdir, config)
   s = config.sample
-  tokens_BL = model.generate_ids(s.num_samples, steps=s.steps, nucleus_p=s.nucleus_p, seed=s.seed)
-  rows = [{"text": model.tokenizer.decode(ids.tolist()), "tokens": ids.tolist(), "length": len(ids)}
-          for ids in tokens_BL]
+  out = model.sample(s.num_samples, steps=s.steps, nucleus_p=s.nucleus_p, seed=s.seed, rule=s.rule)
+  rows = sampling.rows(out, model.tokenizer.decode)
   if jax.process_index() == 0:
     from etils import epath
     with (epath.Path(workdir) / "samples.jsonl").open("w") as f:

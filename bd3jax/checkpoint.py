@@ -8,6 +8,7 @@ leaves the previous checkpoint usable. `gs://` workdirs work where etils can rea
 import base64
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -39,8 +40,9 @@ class Checkpointer:
   """Saves and restores one run's checkpoints under `WORKDIR/checkpoints`."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self._dir = checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
-        checkpoint_dir(workdir),
+        self._dir,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
 
@@ -79,11 +81,17 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def restore(self, step: int, abstract_state, data_iter):
-    """Restores the state (onto `abstract_state`'s shapes and shardings) and the iterator in place."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_iter=_grain_restore(data_iter)))
-    return restored.state
+    """Restores the state (onto `abstract_state`'s shapes and shardings, whatever mesh saved
+    it) and the iterator in place. An iterator saved by another number of processes cannot be
+    resumed: the data order then restarts, with a warning."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    process, count = jax.process_index(), jax.process_count()
+    if (self._dir / str(step) / "data_iter" / f"process_{process}-of-{count}.json").exists():
+      items["data_iter"] = _grain_restore(data_iter)
+    else:
+      logging.warning("the checkpoint of step %d holds no data-iterator state for %d processes; "
+                      "the data order restarts from its beginning", step, count)
+    return self._manager.restore(step, args=ocp.args.Composite(**items)).state
 
   def close(self) -> None:
     self._manager.close()
@@ -106,8 +114,9 @@ def check_architecture(meta: dict, config, vocab_size: int, where: str) -> None:
 
 
 def tokenizer_from_meta(meta: dict):
-  from bd3jax.data import SentencePieceTokenizer
-  return SentencePieceTokenizer.deserialize(base64.b64decode(meta["tokenizer"]))
+  """The tokenizer saved with a checkpoint (any kind: sentencepiece, GPT-2 BPE, BERT WordPiece)."""
+  from bd3jax.data import tokenizer_from_bytes
+  return tokenizer_from_bytes(base64.b64decode(meta["tokenizer"]))
 
 
 def _read_only_manager(path: str) -> ocp.CheckpointManager:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from bd3jax import checkpoint, evaluate, flops, metrics, train
+from bd3jax import checkpoint, evaluate, flops, metrics, parallel, train
 from bd3jax import config as config_lib
 from bd3jax.data import build_data, eval_batches, make_train_iterator
 
@@ -33,6 +33,8 @@ class Setup:
   train_iter: object
   state: train.TrainState
   start_step: int
+  mesh: jax.sharding.Mesh
+  batch_sharding: jax.sharding.NamedSharding   # of the global [B, L] training batch
 
 
 def _log0(msg, *args):
@@ -43,6 +45,8 @@ def _log0(msg, *args):
 def setup(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Setup:
   """Builds data and state, restoring the latest checkpoint in `workdir` if there is one."""
   config_lib.validate(config)
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.check_batch(config, mesh)
   step = ckpt.latest_step
   meta = ckpt.restore_meta(step) if step is not None else None
   if meta is None and config.init_from:
@@ -54,27 +58,42 @@ def setup(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Setup:
   tok = data.tokenizer
   if data.n_replaced_chars:
     logging.warning("replaced %d invalid UTF-8 sequences in the corpus", data.n_replaced_chars)
+  # build_data vouches for streams and prepared shards (tokenizer, manifest); arrays are checked.
   for tokens in (data.train_tokens_NL, data.valid_tokens_NL):
-    config_lib.validate_tokens(tokens, tok.vocab_size, tok.mask_id)
+    if isinstance(tokens, np.ndarray):
+      config_lib.validate_tokens(tokens, tok.vocab_size, tok.mask_id)
   task = train.Task.from_config(config, tok.vocab_size, tok.mask_id)
   if meta is not None:
     checkpoint.check_architecture(meta, config, tok.vocab_size, where=str(workdir))
+  batch_size = config.train.batch_size
+  batch_sharding = parallel.batch_sharding(mesh, (batch_size, config.length))
+  shard, n_shards = parallel.process_batch_shard(batch_sharding, batch_size)
   train_iter = make_train_iterator(
-      data.train_tokens_NL, batch_size=config.train.batch_size, seed=config.seed,
-      shuffle=config.data.shuffle, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=config.data.num_workers)
-  init = jax.jit(lambda key: train.init_state(task, task.init_params(key)))
-  abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
+      data.train_tokens_NL, batch_size=batch_size, seed=config.seed, shuffle=config.data.shuffle,
+      process_index=shard, process_count=n_shards, num_workers=config.data.num_workers)
+  abstract_state = parallel.abstract_state(task, mesh)
+  task = parallel.shard_task(task, abstract_state)
   if step is not None:
     state = ckpt.restore(step, abstract_state, train_iter)
     _log0("resumed from the checkpoint of step %d in %s", step, workdir)
   elif config.init_from:
     params = checkpoint.load_params(config.init_from, abstract_state, config, tok.vocab_size)
-    state = jax.jit(lambda p: train.init_state(task, p))(params)
+    state = jax.jit(lambda p: train.init_state(task, p),
+                    out_shardings=parallel.shardings(abstract_state))(params)
     _log0("initialised the parameters from %s", config.init_from)
   else:
-    state = init(jax.random.key(config.seed))
-  return Setup(task, data, train_iter, state, int(step or 0))
+    state = parallel.init_state(task, abstract_state, jax.random.key(config.seed))
+  _log0("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+  return Setup(task, data, train_iter, state, int(step or 0), mesh, batch_sharding)
+
+
+def _eval_step_fn(s: Setup, config):
+  """`eval(params, x0_BL, key)` over the mesh, for the host batches of `_valid_batches`."""
+  batch_size = min(config.train.batch_size, len(s.data.valid_tokens_NL))
+  sharding = parallel.batch_sharding(s.mesh, (batch_size, config.length))
+  step = train.jit_eval_step(evaluate.eval_task(s.task),
+                             parallel.shardings(s.state.ema_params), sharding)
+  return lambda params, x0_BL, key: step(params, parallel.host_to_global(x0_BL, sharding), key)
 
 
 @contextlib.contextmanager
@@ -126,8 +145,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
   s = setup(config, workdir, ckpt)
   task, state, tok = s.task, s.state, s.data.tokenizer
-  step_fn = train.jit_train_step(task)
-  eval_step = train.jit_eval_step(evaluate.eval_task(task))
+  step_fn = train.jit_train_step(task, parallel.shardings(state), s.batch_sharding)
+  eval_step = _eval_step_fn(s, config)
   lr_at = train.learning_rate_schedule(config)
   tokens_per_step = t.batch_size * config.length
   flops_per_step = flops.train_flops_per_sequence(task.model.cfg, task.loss_cfg) * t.batch_size
@@ -172,35 +191,36 @@ def train_and_evaluate(config, workdir: str) -> dict:
                dynamic_ncols=True, mininterval=1.0)
   window = _Window()
   step = s.start_step
-  try:
-    with _preemption_flag() as preempted:
-      while step < t.num_steps and not preempted[0]:
-        batch = next(s.train_iter)
-        state, m = step_fn(state, batch)
-        window.pending.append(m)
-        step += 1
-        if bar is not None:
-          bar.update(1)
-        if step % t.log_every == 0:
-          write_window(step, window.flush(step - len(window.pending)))
-        if step % t.eval_every == 0:
-          run_eval(step)
-        if step % t.checkpoint_every == 0 or step == t.num_steps or preempted[0]:
-          save(step)
-    ckpt.wait()
-    if preempted[0]:
-      _log0("preempted: stopped at step %d with its checkpoint saved", step)
-      return {"step": step, "preempted": True}
-    result = last_eval if last_eval.get("step") == step else run_eval(step)
-  except NonFiniteLossError as e:
-    ckpt.wait()
-    raise NonFiniteLossError(f"{e}; training stopped, the last good checkpoint is step "
-                             f"{last_good} in {workdir}") from None
-  finally:
-    if bar is not None:
-      bar.close()
-    writer.close()
-    ckpt.close()
+  with jax.set_mesh(s.mesh):  # the mesh of every array the loop creates
+    try:
+      with _preemption_flag() as preempted:
+        while step < t.num_steps and not preempted[0]:
+          batch = parallel.global_batch(next(s.train_iter), s.batch_sharding, t.batch_size)
+          state, m = step_fn(state, batch)
+          window.pending.append(m)
+          step += 1
+          if bar is not None:
+            bar.update(1)
+          if step % t.log_every == 0:
+            write_window(step, window.flush(step - len(window.pending)))
+          if step % t.eval_every == 0:
+            run_eval(step)
+          if step % t.checkpoint_every == 0 or step == t.num_steps or preempted[0]:
+            save(step)
+      ckpt.wait()
+      if preempted[0]:
+        _log0("preempted: stopped at step %d with its checkpoint saved", step)
+        return {"step": step, "preempted": True}
+      result = last_eval if last_eval.get("step") == step else run_eval(step)
+    except NonFiniteLossError as e:
+      ckpt.wait()
+      raise NonFiniteLossError(f"{e}; training stopped, the last good checkpoint is step "
+                               f"{last_good} in {workdir}") from None
+    finally:
+      if bar is not None:
+        bar.close()
+      writer.close()
+      ckpt.close()
   return {**result, "step": step}
 
 
@@ -213,7 +233,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     s = setup(config, workdir, ckpt)
   finally:
     ckpt.close()
-  eval_step = train.jit_eval_step(evaluate.eval_task(s.task))
-  result = evaluate.evaluate(eval_step, s.state.ema_params, _valid_batches(config, s.data),
-                             seed=config.seed)
+  with jax.set_mesh(s.mesh):
+    result = evaluate.evaluate(_eval_step_fn(s, config), s.state.ema_params,
+                               _valid_batches(config, s.data), seed=config.seed)
   return {"step": s.start_step, **result}

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bd3jax import config as config_lib
 from bd3jax import diffusion
@@ -33,6 +34,11 @@ class Task:
   ema_decay: float
   grad_accum: int
   seed: int
+  # On a mesh (bd3jax.parallel.shard_task): the NamedShardings the parameters and gradients are
+  # stored in, and those the parameters are gathered into for the forward and backward passes
+  # (FSDP: without the fsdp axis). None: wherever XLA puts them.
+  param_sharding: Any = dataclasses.field(default=None, compare=False)
+  compute_sharding: Any = dataclasses.field(default=None, compare=False)
 
   @classmethod
   def from_config(cls, config, vocab_size: int, mask_id: int) -> "Task":
@@ -62,6 +68,8 @@ class Task:
 
   def apply_fn(self, params, dropout_key=None):
     """`fn(tokens, sigma, mask, train) -> logits` over the given parameters."""
+    if self.compute_sharding is not None:
+      params = jax.lax.with_sharding_constraint(params, self.compute_sharding)
     def fn(tokens, sigma, mask, train):
       rngs = {"dropout": dropout_key} if train else {}
       return self.model.apply({"params": params}, tokens, sigma, mask, train=train, rngs=rngs)
@@ -104,17 +112,23 @@ def _loss_and_grads(task: Task, params, x0_BL, key):
   def loss_fn(p):
     return diffusion.nelbo(task.apply_fn(p, k_dropout), x0_BL, k_noise, task.loss_cfg, train=True)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  if task.param_sharding is not None:   # FSDP: reduce-scatter, not all-reduce
+    grads = jax.lax.with_sharding_constraint(grads, task.param_sharding)
   return loss, aux["block_nelbo"].mean(0), grads
 
 
 def train_step(task: Task, state: TrainState, batch):
-  """One optimiser step over `batch["tokens"]` [B, L], split into `grad_accum` micro-batches."""
+  """One optimiser step over `batch["tokens"]` [B, L], split into `grad_accum` micro-batches.
+
+  Micro-batch m holds rows m, m + M, m + 2M, ... (M = grad_accum), so that a batch sharded
+  by rows keeps each device's rows on that device.
+  """
   x0_BL = batch["tokens"]
   key = step_key(task.seed, state.step)
   if task.grad_accum == 1:
     loss, block_nelbo_N, grads = _loss_and_grads(task, state.params, x0_BL, key)
   else:
-    micro_MBL = x0_BL.reshape(task.grad_accum, -1, x0_BL.shape[-1])
+    micro_MBL = x0_BL.reshape(-1, task.grad_accum, x0_BL.shape[-1]).swapaxes(0, 1)
     keys = jax.random.split(key, task.grad_accum)
     def accumulate(carry, xs):
       out = _loss_and_grads(task, state.params, *xs)
@@ -141,10 +155,29 @@ def eval_step(task: Task, params, x0_BL, key):
   return aux["token_loss"], aux["block_nelbo"]
 
 
-def jit_train_step(task: Task):
-  """`step(state, batch) -> (state, metrics)`, compiled once, the state's buffers donated."""
-  return jax.jit(lambda state, batch: train_step(task, state, batch), donate_argnums=(0,))
+def _replicated_like(sharding):
+  return None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
 
 
-def jit_eval_step(task: Task):
-  return jax.jit(lambda params, x0, key: eval_step(task, params, x0, key))
+def jit_train_step(task: Task, state_sharding=None, batch_sharding=None):
+  """`step(state, batch) -> (state, metrics)`, compiled once, the state's buffers donated.
+
+  With shardings (see `bd3jax.parallel`), the state keeps `state_sharding` (a TrainState of
+  NamedShardings), the batch arrives in `batch_sharding` and the metrics come back replicated.
+  """
+  fn = lambda state, batch: train_step(task, state, batch)
+  if state_sharding is None:
+    return jax.jit(fn, donate_argnums=(0,))
+  return jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, _replicated_like(batch_sharding)),
+                 donate_argnums=(0,))
+
+
+def jit_eval_step(task: Task, params_sharding=None, batch_sharding=None):
+  """`eval(params, x0, key)`; with shardings, x0 in `batch_sharding`, the results replicated."""
+  fn = lambda params, x0, key: eval_step(task, params, x0, key)
+  if params_sharding is None:
+    return jax.jit(fn)
+  replicated = _replicated_like(batch_sharding)
+  return jax.jit(fn, in_shardings=(params_sharding, batch_sharding, replicated),
+                 out_shardings=replicated)

@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def time_train_steps(step_fn, state, batch, *, warmup: int, steps: int):
   """Times `state, metrics = step_fn(state, batch)` (state donated, so threaded through).
 
-  Returns (state, compile_s, seconds of each timed step).
+  Returns (state, compile_s, wall seconds of each timed step, process CPU seconds of all
+  timed steps together).
   """
   t0 = time.perf_counter()
   state, m = step_fn(state, batch)
@@ -30,13 +31,13 @@ def time_train_steps(step_fn, state, batch, *, warmup: int, steps: int):
   for _ in range(max(warmup - 1, 0)):
     state, m = step_fn(state, batch)
   jax.block_until_ready((state, m))
-  times = []
+  times, cpu0 = [], time.process_time()
   for _ in range(steps):
     t0 = time.perf_counter()
     state, m = step_fn(state, batch)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
-  return state, compile_s, times
+  return state, compile_s, times, time.process_time() - cpu0
 
 
 def time_calls(fn, *args, warmup: int, steps: int):

@@ -8,21 +8,32 @@ included) is at least 90% of the bare jitted step's on the same machine. Prints 
 line with both and their ratio. Conventions:
 - full loop: `bd3jax.run.train_and_evaluate(config, workdir)` from scratch in a fresh
   workdir for `--steps` steps, with the config's log_every and checkpoint_every (the demo's:
-  20 and 100). Its steps/s is read from the loop's own `train/steps_per_s` windows in
-  `metrics.jsonl`: the windows tile the run (each starts where the previous one was fetched),
-  so a window holds everything done between its steps: fetching batches, dispatch, metric
-  writes, and a checkpoint save started at its first step. The first window is dropped (it
-  holds the compile); the rest give sum(steps) / sum(seconds). Setup (corpus, tokenizer,
-  init), the final checkpoint and the final evaluation lie outside every window.
+  20 and 100; the default 120 steps put the save of step 100 inside the measured span, one
+  save per 100 steps as in a demo run). The loop logs a window of steps every log_every
+  steps, after fetching the window's metrics (so after its steps ran). The script stamps the
+  wall clock and the process CPU time at each of those writes and measures from the end of
+  the first window (which holds the compile) to the end of the last: (steps between) /
+  (seconds between). That span holds everything the loop does per step: fetching batches,
+  dispatch, metric writes, and the checkpoint saves started inside it; setup (corpus,
+  tokenizer, init), the final checkpoint and the final evaluation lie outside it.
+  `window_steps_per_s` lists the loop's own `train/steps_per_s` (metrics.jsonl) for every
+  window, the first included.
 - mid-run evaluation is not loop overhead and brings a one-time compile, so by default it is
   moved past the last step (`--keep_eval` keeps the config's eval_every; its time then counts).
-- bare step: `train.jit_train_step` of the same task, restored state and one batch of the
-  same iterator, already on device; first call = compile, `--warmup` calls in all, then the
-  median of `--bare_steps` calls, each ended by `jax.block_until_ready`.
-- ratio = loop steps/s / bare steps/s. `checkpoints_measured` / `evals_measured` count the
-  saves / evaluations inside the measured windows; with 0 the ratio leaves them out.
+- bare step: `train.jit_train_step` of the same task, with the loop's mesh and shardings, on
+  the restored state and one batch of the same iterator, already on device; first call =
+  compile, `--warmup` calls in all, then the median of `--bare_steps` calls, each ended by
+  `jax.block_until_ready`.
+- ratio = loop steps/s / bare steps/s (wall clock: the check). `checkpoints_measured` /
+  `evals_measured` count the saves / evaluations inside the measured span.
+- cpu_ratio = bare CPU s per step / loop CPU s per step (process CPU time, all threads; bare
+  from the mean over the timed calls). Meaningful on a CPU backend only, where it is less
+  sensitive than wall clock (not immune) to other processes on the host. load_avg_1m is the
+  host's 1-minute load average before the loop and after the bare step: trust the
+  wall-clock ratio only when both stay well under the core count.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,32 +60,44 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the loop (default: a
                                "directory, removed afterwards). Must not hold a checkpoint.")
 
 
-def loop_windows(workdir: str) -> list[tuple[int, int, float]]:
-  """(last step, steps, seconds) of each `train/steps_per_s` window in metrics.jsonl."""
-  out, prev = [], 0
+def loop_windows(workdir: str) -> list[float]:
+  """The loop's own `train/steps_per_s` of each window, from metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "train/steps_per_s" in rec:
-        n = rec["step"] - prev
-        out.append((rec["step"], n, n / rec["train/steps_per_s"]))
-        prev = rec["step"]
-  return out
+    return [r["train/steps_per_s"] for r in map(json.loads, f) if "train/steps_per_s" in r]
+
+
+@contextlib.contextmanager
+def window_stamps():
+  """Yields a list that gets (step, wall s, process CPU s) at each training-window write."""
+  from bd3jax import metrics
+  stamps, write = [], metrics.MetricWriter.write
+  def stamped_write(self, step, scalars):
+    if "train/steps_per_s" in scalars:
+      stamps.append((step, time.perf_counter(), time.process_time()))
+    return write(self, step, scalars)
+  metrics.MetricWriter.write = stamped_write
+  try:
+    yield stamps
+  finally:
+    metrics.MetricWriter.write = write
 
 
 def bare_step(config, workdir: str) -> dict:
-  """Times the bare step on the task, state and data the loop left in `workdir`."""
-  from bd3jax import checkpoint, run, train
+  """Times the bare step on the task, state, data and mesh the loop left in `workdir`."""
+  from bd3jax import checkpoint, parallel, run, train
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   try:
     s = run.setup(config, workdir, ckpt)
   finally:
     ckpt.close()
-  batch = jax.device_put(next(s.train_iter))
-  _, compile_s, times = common.time_train_steps(
-      train.jit_train_step(s.task), s.state, batch, warmup=_WARMUP.value, steps=_BARE_STEPS.value)
+  with jax.set_mesh(s.mesh):  # as the loop compiles and runs its step
+    step_fn = train.jit_train_step(s.task, parallel.shardings(s.state), s.batch_sharding)
+    batch = parallel.global_batch(next(s.train_iter), s.batch_sharding, config.train.batch_size)
+    _, compile_s, times, cpu_s = common.time_train_steps(
+        step_fn, s.state, batch, warmup=_WARMUP.value, steps=_BARE_STEPS.value)
   return {"vocab_size": s.task.model.cfg.vocab_size, "compile_s": compile_s,
-          "step_s": common.median(times)}
+          "step_s": common.median(times), "cpu_s": cpu_s / len(times),
+          "devices": s.mesh.size}
 
 
 def main(argv):
@@ -87,42 +110,46 @@ def main(argv):
   if not _KEEP_EVAL.value:
     t.eval_every = steps + 1
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bd3jax_train_loop_")
+  load_before = os.getloadavg()[0]
   try:
     t0 = time.perf_counter()
-    run.train_and_evaluate(config, workdir)
+    with window_stamps() as stamps:
+      run.train_and_evaluate(config, workdir)
     loop_wall_s = time.perf_counter() - t0
-    windows = loop_windows(workdir)
-    if len(windows) < 2:
-      raise app.UsageError(f"{len(windows)} logging window(s) in {steps} steps; need at least 2: "
+    if len(stamps) < 2:
+      raise app.UsageError(f"{len(stamps)} logging window(s) in {steps} steps; need at least 2: "
                            "raise --steps or lower --config.train.log_every")
-    first_end, measured = windows[0][0], windows[1:]
-    last_end = measured[-1][0]
-    loop_steps = sum(n for _, n, _ in measured)
-    loop_s = sum(sec for _, _, sec in measured)
+    windows = loop_windows(workdir)
     bare = bare_step(config, workdir)
   finally:
     if _WORKDIR.value is None:
       shutil.rmtree(workdir, ignore_errors=True)
 
-  in_measured = lambda every: sum(1 for k in range(first_end, last_end) if k % every == 0)
-  loop_sps, bare_sps = loop_steps / loop_s, 1.0 / bare["step_s"]
+  (first_end, wall0, cpu0), (last_end, wall1, cpu1) = stamps[0], stamps[-1]
+  n = last_end - first_end
+  loop_sps, bare_sps = n / (wall1 - wall0), 1.0 / bare["step_s"]
+  loop_cpu_s = (cpu1 - cpu0) / n
+  in_span = lambda every: sum(1 for k in range(first_end, last_end) if k % every == 0)
   common.emit({
       "benchmark": "train_loop",
       **common.config_summary(config, t.batch_size, bare["vocab_size"]),
-      **common.device_summary(),
+      **common.device_summary(), "devices": bare["devices"],
       "steps": steps, "log_every": t.log_every, "checkpoint_every": t.checkpoint_every,
       "eval_every": t.eval_every if t.eval_every <= steps else None,
-      "first_window_s": windows[0][2],
-      "measured_steps": loop_steps, "measured_s": loop_s,
-      "checkpoints_measured": in_measured(t.checkpoint_every),
-      "evals_measured": in_measured(t.eval_every),
-      "window_steps_per_s": [n / sec for _, n, sec in windows],
       "loop_wall_s": loop_wall_s,
+      "measured_steps": n, "measured_s": wall1 - wall0,
+      "checkpoints_measured": in_span(t.checkpoint_every),
+      "evals_measured": in_span(t.eval_every),
+      "window_steps_per_s": windows,
       "loop_steps_per_s": loop_sps,
       "bare_compile_s": bare["compile_s"],
       "bare_step_ms": 1e3 * bare["step_s"],
       "bare_steps_per_s": bare_sps,
       "ratio": loop_sps / bare_sps,
+      "loop_cpu_s_per_step": loop_cpu_s,
+      "bare_cpu_s_per_step": bare["cpu_s"],
+      "cpu_ratio": bare["cpu_s"] / loop_cpu_s,
+      "load_avg_1m": [load_before, os.getloadavg()[0]],
   })
 
 

@@ -47,14 +47,27 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.data = ml_collections.ConfigDict(dict(
-      source="text",         # text (local files) | demo (bundled Python documentation)
-      train_files="",        # comma-separated globs of .txt / .jsonl files
-      valid_files="",        # empty: hold out valid_fraction of the documents
+      # demo (bundled Python documentation) | text (.txt/.jsonl files) | arrayrecord (ArrayRecord
+      # files of UTF-8 documents) | tfds (tfds.data_source, ArrayRecord) | hf (Hugging Face datasets)
+      source="text",
+      train_files="",        # text / arrayrecord: comma-separated globs
+      valid_files="",        # text / arrayrecord held-out files (empty: hold out valid_fraction)
+      tfds_name="",          # tfds: dataset name, e.g. lm1b
+      hf_path="",            # hf: hub dataset or local folder of data files
+      hf_name="",            # hf: dataset configuration (empty: the default)
+      data_dir="",           # tfds data_dir / hf cache_dir (empty: the library's default)
+      train_split="train",   # tfds / hf split of the training documents (slices like train[:-100000] work)
+      valid_split="",        # tfds / hf held-out split (empty: hold out valid_fraction)
       valid_fraction=0.02,
-      text_key="text",       # JSONL field holding the text
-      tokenizer_path="",     # sentencepiece .model; empty: train one on the training split
+      text_key="text",       # JSONL / tfds / hf field holding the text
+      tokenizer="sentencepiece",  # sentencepiece | gpt2 (BPE, mask id appended) | bert (WordPiece)
+      tokenizer_path="",     # sentencepiece .model (empty: train one on the training split); gpt2: dir of
+                             # vocab.json + merges.txt or a .tiktoken file; bert: vocab.txt or its dir;
+                             # gpt2 / bert: otherwise a Hugging Face hub id (empty: gpt2 / bert-base-uncased)
       vocab_size=8192,       # size of a trained sentencepiece vocabulary (mask token included)
       wrap="bos_eos",        # bos_eos: [BOS] + L-2 tokens + [EOS] chunks | eos: EOS after each document
+      stream=False,          # tokenize training text on the fly in grain workers, not all at start-up
+      prepared_dir="",       # pre-tokenised shards (python -m bd3jax.data.prepare); replaces the source
       shuffle=True,
       num_workers=0,         # grain worker processes (0: in the main process)
   ))
@@ -78,10 +91,21 @@ def get_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
   ))
 
+  # Device mesh (bd3jax.parallel): data x fsdp x tensor must equal the device count; -1 is
+  # "the rest". The batch is split over data x fsdp.
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1,               # data parallelism: parameters replicated
+      fsdp=1,                # data parallelism with parameters and optimiser state sharded
+      tensor=1,              # tensor parallelism over heads, MLP units and vocabulary
+      dcn_data=1,            # multi-slice TPUs: slices the data axis spans (over the DCN)
+      dcn_fsdp=1,            # multi-slice TPUs: slices the fsdp axis spans
+  ))
+
   config.sample = ml_collections.ConfigDict(dict(
       num_samples=4,
       steps=16,              # denoising steps per block (AR: always 1)
       nucleus_p=0.9,
+      rule="ddpm",           # ddpm | first_hitting | threshold | entropy | topk
       seed=0,
   ))
   return config

@@ -125,11 +125,14 @@ def test_facade_nelbo_and_generation_ids():
   assert per_token.shape == (3, 16) and np.isfinite(per_token).all() and (per_token >= 0).all()
   np.testing.assert_array_equal(per_token, model.nelbo(tokens, seed=0))
   ids = model.generate_ids(2, max_length=8, steps=2, seed=1)
-  assert ids.shape == (2, 8) and (ids[:, 0] == 0).all() and not (ids == V - 1).any()
+  assert len(ids) == 2 and all(1 <= len(row) <= 8 and row[0] == 0 and not (row == V - 1).any()
+                               for row in ids)
+  prompted = model.generate_ids(2, max_length=8, steps=2, prompts=[[5, 6, 7], [8]], progress=True)
+  assert prompted[0][:4].tolist() == [0, 5, 6, 7] and prompted[1][:2].tolist() == [0, 8]
   with pytest.raises(ValueError, match="no tokenizer"):
     model.generate(1)
-  with pytest.raises(ValueError, match="exceeds the model's context"):
-    model.generate_ids(1, max_length=32)
+  beyond = model.generate_ids(1, max_length=24, steps=1)  # past the context: sliding window
+  assert 1 <= len(beyond[0]) <= 24
 
 
 def test_mdlm_folder_is_one_block(tmp_path):

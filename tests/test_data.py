@@ -292,7 +292,7 @@ def test_build_data_text_files(tmp_path, tokenizer):
   with pytest.raises(ValueError, match="validation split: the corpus has"):
     data.build_data(config, tokenizer=tokenizer)
   with pytest.raises(ValueError, match="config.data.source"):
-    data.build_data(_config(source="tfds"), tokenizer=tokenizer)
+    data.build_data(_config(source="s3"), tokenizer=tokenizer)
 
 
 def test_tokenize_documents(tokenizer):

@@ -2,7 +2,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from conftest import MASK_ID, VOCAB, apply_fn, random_params, random_tokens, tiny_model
 
 from bd3jax import diffusion

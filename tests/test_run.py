@@ -59,7 +59,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
   assert "perplexity" in out and "samples written to" in out
   samples = [json.loads(line) for line in (full / "samples.jsonl").read_text().splitlines()]
   assert len(samples) == tiny_config.get_config().sample.num_samples
-  assert all(row["length"] == 32 and row["tokens"][0] == 2 for row in samples)  # BOS first
+  assert all(1 <= row["length"] <= 32 and row["tokens"][0] == 2 for row in samples)  # BOS first
   reference = losses(full)
   assert sorted(reference) == list(range(1, 17))
 

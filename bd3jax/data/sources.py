@@ -15,13 +15,15 @@ from absl import logging
 _BLANK_LINES = re.compile(r"\n\s*\n")
 _REPLACEMENT = "\ufffd"
 
-# Pure-Python standard-library modules whose docstrings make up the demo corpus.
+# Pure-Python standard-library modules whose docstrings make up the demo corpus. `inspect` is
+# left out: some libraries (torch) replace its functions when imported, which would change
+# the corpus within one process.
 _DEMO_MODULES = (
     "abc argparse ast asyncio base64 bdb bisect calendar cmd code codecs collections "
     "collections.abc compileall concurrent.futures configparser contextlib copy csv "
     "dataclasses datetime decimal difflib dis doctest email enum filecmp fileinput fnmatch "
     "fractions ftplib functools getopt gettext glob graphlib gzip hashlib heapq hmac html "
-    "html.parser http.client http.server imaplib inspect io ipaddress itertools json locale "
+    "html.parser http.client http.server imaplib io ipaddress itertools json locale "
     "logging logging.handlers mailbox mimetypes multiprocessing netrc numbers operator "
     "optparse os pathlib pdb pickle pkgutil platform plistlib poplib pprint pydoc queue "
     "quopri random re reprlib runpy sched secrets selectors shlex shutil smtplib socket "

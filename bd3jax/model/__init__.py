@@ -2,3 +2,5 @@
 
 from bd3jax.model.attention import attention, dense_attention
 from bd3jax.model.transformer import DiT, ModelConfig
+
+__all__ = ["DiT", "ModelConfig", "attention", "dense_attention"]

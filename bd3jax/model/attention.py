@@ -2,6 +2,7 @@
 
 `dense` is the obviously-correct reference: an einsum with the boolean mask and a
 float32 softmax. `xla` and `cudnn` go through `jax.nn.dot_product_attention`.
+KV-cache decoding writes into a heads-major ring buffer of S slots and attends densely over it.
 """
 
 import jax
@@ -31,3 +32,30 @@ def attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, implementation: str =
     return jax.nn.dot_product_attention(
         q_BTHK, k_BTHK, v_BTHK, mask=mask_TT[None, None], implementation=implementation)
   raise ValueError(f"model.attention {implementation!r} is not one of {IMPLEMENTATIONS}")
+
+
+def update_kv_cache(cache_BHSK, new_BTHK, start):
+  """Writes T rows at the ring slots (start + i) mod S; needs (start mod S) + T <= S.
+
+  The cache is heads-major, [B, H, S, K], the layout both attention matmuls read without a
+  transpose.
+  """
+  slot = start % cache_BHSK.shape[2]
+  new_BHTK = jnp.swapaxes(new_BTHK, 1, 2).astype(cache_BHSK.dtype)
+  return jax.lax.dynamic_update_slice_in_dim(cache_BHSK, new_BHTK, slot, axis=2)
+
+
+def cache_attention(q_BTHK, k_BHSK, v_BHSK, end):
+  """Attention of T queries over the ring-buffer slots that hold positions < `end`.
+
+  After writing positions up to end - 1, the first min(end, S) slots are exactly the last
+  min(end, S) positions; all of them are visible to every query (a block sees itself fully).
+  Computed as `dense_attention`: float32 logits and softmax.
+  """
+  s = k_BHSK.shape[2]
+  logits_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK, k_BHSK,
+                           preferred_element_type=jnp.float32) * q_BTHK.shape[-1] ** -0.5
+  valid_S = jnp.arange(s) < jnp.minimum(end, s)
+  logits_BHTS = jnp.where(valid_S, logits_BHTS, jnp.finfo(jnp.float32).min)
+  probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(v_BHSK.dtype)
+  return jnp.einsum("bhts,bhsk->bthk", probs_BHTS, v_BHSK)

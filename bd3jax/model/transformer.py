@@ -2,7 +2,8 @@
 
 Parameters are float32 and carry logical axis names; matmuls run in `dtype`; the
 residual stream, LayerNorms and softmax stay in float32, as in the reference under
-autocast. Module and parameter names follow the reference's state dict.
+autocast. Module and parameter names follow the reference's state dict. `DiT.decode` runs the
+same parameters on a few tokens against a KV cache (the "cache" collection), for sampling.
 """
 
 import dataclasses
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from bd3jax.masks import AttentionMask, MaskKind
-from bd3jax.model.attention import attention
+from bd3jax.model.attention import attention, cache_attention, update_kv_cache
 
 LN_EPS = 1e-5
 TIMESTEP_DIM = 256
@@ -94,6 +95,27 @@ def apply_rotary(x_BTHK, cos_TK, sin_TK):
   return out.astype(x_BTHK.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeAt:
+  """Decoding against a KV cache: the T input tokens sit at absolute positions start..start+T-1.
+
+  Passed in place of the mask. Each block writes the tokens' keys (after rotary) and values
+  into its "cache" collection at ring slots (start + i) mod S, then the tokens attend to every
+  slot that holds one of the last min(start + T, S) positions: the cached prefix and the tokens
+  themselves, bidirectionally. `start` may be traced; (start mod S) + T must not exceed S.
+  With `select` ([B] indices), only token select[b] of each row is projected to logits.
+  """
+  start: jax.Array | int
+  select: jax.Array | None = None
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int) -> dict:
+  """An empty KV cache of `size` slots: {"blocks_i": {"key", "value": [B, H, S, K]}}."""
+  shape = (batch, cfg.n_heads, size, cfg.head_dim)
+  return {f"blocks_{i}": {"key": jnp.zeros(shape, cfg.dtype), "value": jnp.zeros(shape, cfg.dtype)}
+          for i in range(cfg.n_layers)}
+
+
 def _modulate(x_BTD, shift_B1D, scale_B1D):
   return x_BTD * (1 + scale_B1D) + shift_B1D
 
@@ -133,7 +155,10 @@ class Block(nn.Module):
                        dtype=dt, name="attn_qkv")(h_BTD)
     q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
     q_BTHK, k_BTHK = apply_rotary(q_BTHK, *rope), apply_rotary(k_BTHK, *rope)
-    o_BTHK = attention(q_BTHK, k_BTHK, v_BTHK, mask, cfg.attention)
+    if isinstance(mask, DecodeAt):
+      o_BTHK = self._attend_with_cache(q_BTHK, k_BTHK, v_BTHK, mask.start)
+    else:
+      o_BTHK = attention(q_BTHK, k_BTHK, v_BTHK, mask, cfg.attention)
     o_BTD = _dense(d, ("heads", "head_dim", "embed"), d, use_bias=False, axis=(-2, -1), dtype=dt,
                    name="attn_out")(o_BTHK)
     x_BTD = x_BTD + gate_msa * dropout(o_BTD.astype(jnp.float32))
@@ -143,6 +168,17 @@ class Block(nn.Module):
     h_BTF = nn.gelu(h_BTF, approximate=True)
     h_BTD = _dense(d, ("mlp", "embed"), cfg.mlp_ratio * d, dtype=dt, name="mlp_2")(h_BTF)
     return x_BTD + gate_mlp * dropout(h_BTD.astype(jnp.float32))
+
+  def _attend_with_cache(self, q_BTHK, k_BTHK, v_BTHK, start):
+    """Writes the tokens' keys and values into this layer's cache, then attends over it."""
+    if not self.has_variable("cache", "key"):
+      raise ValueError("decoding needs a KV cache: apply with {'cache': init_cache(...)} and "
+                       "mutable=['cache']")
+    k_BHSK = update_kv_cache(self.get_variable("cache", "key"), k_BTHK, start)
+    v_BHSK = update_kv_cache(self.get_variable("cache", "value"), v_BTHK, start)
+    self.put_variable("cache", "key", k_BHSK)
+    self.put_variable("cache", "value", v_BHSK)
+    return cache_attention(q_BTHK, k_BHSK, v_BHSK, start + q_BTHK.shape[1])
 
 
 class FinalLayer(nn.Module):
@@ -174,13 +210,16 @@ class DiT(nn.Module):
   """The BD3-LM backbone. Returns float32 logits for the x_t half (training) or all tokens.
 
   `sigma_B` is the noise level per sequence, used only with time conditioning (None: zeros).
+  With a `DecodeAt` in place of the mask it decodes against the "cache" collection (`decode`).
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, sigma_B, mask: AttentionMask, train: bool = False):
+  def __call__(self, tokens_BT, sigma_B, mask: AttentionMask | DecodeAt,
+               train: bool = False):
     cfg = self.cfg
-    if tokens_BT.shape[1] != mask.num_tokens:
+    decoding = isinstance(mask, DecodeAt)
+    if not decoding and tokens_BT.shape[1] != mask.num_tokens:
       raise ValueError(f"{tokens_BT.shape[1]} tokens given for a {mask.kind.value} mask of "
                        f"{mask.num_tokens} tokens")
     embedding_VD = self.param(  # kaiming_uniform(a=sqrt(5)) on [V, d]: U(+-1/sqrt(d))
@@ -192,9 +231,24 @@ class DiT(nn.Module):
       if sigma_B is None or not cfg.time_conditioning:
         sigma_B = jnp.zeros((tokens_BT.shape[0],), jnp.float32)
       c_BC = nn.silu(TimestepEmbedder(cfg, name="sigma_map")(sigma_B))
-    rope = rotary_cos_sin(positions_for(mask), cfg.head_dim)
+    if decoding:
+      positions_T = mask.start + jnp.arange(tokens_BT.shape[1])
+    else:
+      positions_T = positions_for(mask)
+    rope = rotary_cos_sin(positions_T, cfg.head_dim)
     for i in range(cfg.n_layers):
       x_BTD = Block(cfg, name=f"blocks_{i}")(x_BTD, c_BC, rope, mask, train)
-    if mask.kind is MaskKind.TRAINING:
+    if not decoding and mask.kind is MaskKind.TRAINING:
       x_BTD = x_BTD[:, :mask.seq_len]
+    if decoding and mask.select is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, mask.select[:, None, None], axis=1)
     return FinalLayer(cfg, name="output_layer")(x_BTD, c_BC)
+
+  def decode(self, tokens_BT, sigma_B, start, select_B=None):
+    """Logits [B, T, V] of T tokens at absolute positions start.. (see `DecodeAt`); with
+    `select_B`, [B, 1, V] of token select_B[b] of each row.
+
+    Use as `model.apply({"params": p, "cache": cache}, tokens, sigma, start,
+    method=DiT.decode, mutable=["cache"])`, which also returns the updated cache.
+    """
+    return self(tokens_BT, sigma_B, DecodeAt(start, select_B))

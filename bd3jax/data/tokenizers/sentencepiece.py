@@ -1,21 +1,25 @@
 """SentencePiece tokenizer with a reserved [MASK] id, trained in memory or loaded from disk."""
 
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
-from absl import logging
+
+from bd3jax.data.tokenizers.base import Tokenizer
 
 MASK_PIECE = "[MASK]"
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece model plus the ids block diffusion needs (BOS, EOS, pad, mask).
 
   The mask id is the "[MASK]" control piece when the model has one (models trained by
   `train_sentencepiece` do), otherwise one id appended after the model's pieces.
   Control pieces are never produced by `encode`, so no text maps to the mask id.
+  Serialized as the plain sentencepiece model proto.
   """
+
+  kind = "sentencepiece"
 
   def __init__(self, model_proto: bytes):
     try:
@@ -31,7 +35,6 @@ class SentencePieceTokenizer:
     self._mask_id = mask_id if has_mask else n_pieces
     self._vocab_size = n_pieces if has_mask else n_pieces + 1
     self._pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self._sp.eos_id()
-    self._special_ids = {self.bos_id, self.eos_id, self.pad_id, self.mask_id}
 
   @classmethod
   def load(cls, path: str) -> "SentencePieceTokenizer":
@@ -40,8 +43,8 @@ class SentencePieceTokenizer:
       with open(path, "rb") as f:
         proto = f.read()
     except OSError as e:
-      raise FileNotFoundError(f"cannot read tokenizer {path!r} ({e.strerror}); "
-                              "fix config.data.tokenizer_path or leave it empty to train one") from None
+      raise FileNotFoundError(f"cannot read sentencepiece model {path!r} ({e.strerror}); fix "
+                              "config.data.tokenizer_path or leave it empty to train one") from None
     try:
       return cls(proto)
     except ValueError as e:
@@ -82,9 +85,8 @@ class SentencePieceTokenizer:
     """Token ids of `text`, without BOS/EOS."""
     return self._sp.encode(text)
 
-  def decode(self, ids: Iterable[int]) -> str:
-    """Text of `ids`, skipping BOS, EOS, pad and mask ids."""
-    return self._sp.decode([int(i) for i in ids if int(i) not in self._special_ids])
+  def _decode(self, ids: list[int]) -> str:
+    return self._sp.decode(ids)
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -119,17 +121,3 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *,
     raise ValueError(f"training a {vocab_size}-piece sentencepiece tokenizer failed: {message}; "
                      "change config.data.vocab_size or the training text") from None
   return SentencePieceTokenizer(writer.getvalue())
-
-
-def load_or_train_tokenizer(config_data, train_texts: Sequence[str]) -> SentencePieceTokenizer:
-  """Loads `config_data.tokenizer_path`, or trains a `config_data.vocab_size` tokenizer on `train_texts`."""
-  if not config_data.tokenizer_path:
-    tokenizer = train_sentencepiece(train_texts, config_data.vocab_size)
-    logging.info("trained a %d-id sentencepiece tokenizer on %d documents",
-                 tokenizer.vocab_size, len(train_texts))
-    return tokenizer
-  tokenizer = SentencePieceTokenizer.load(config_data.tokenizer_path)
-  if tokenizer.vocab_size != config_data.vocab_size:
-    logging.warning("%s has %d ids (mask included); config.data.vocab_size %d does not apply to it",
-                    config_data.tokenizer_path, tokenizer.vocab_size, config_data.vocab_size)
-  return tokenizer

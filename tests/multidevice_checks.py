@@ -1,0 +1,145 @@
+"""Measurements of bd3jax.parallel on 8 fake CPU devices, printed as one JSON object.
+
+tests/test_parallel.py runs this file in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (it must be set before jax is imported, and
+the rest of the suite must keep its single device) and asserts on the numbers.
+
+  python tests/multidevice_checks.py WORKDIR
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny_config  # noqa: E402
+from bd3jax import parallel, run, train  # noqa: E402
+from bd3jax.data import demo_documents  # noqa: E402
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]   # (data, fsdp, tensor)
+BATCH, STEPS, VOCAB = 8, 3, 64
+
+
+def mesh_config(shape):
+  return ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, shape), dcn_data=1, dcn_fsdp=1))
+
+
+def tiny(**train_overrides):
+  config = tiny_config.get_config()
+  config.model.n_heads = 4   # so that tensor = 2 or 4 splits the heads
+  config.train.update(batch_size=BATCH, **train_overrides)
+  return config
+
+
+def max_abs_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def sharded_steps(task, batches, shape):
+  """Losses and final state of STEPS sharded steps, and the compiled step's memory analysis."""
+  mesh = parallel.make_mesh(mesh_config(shape))
+  abstract = parallel.abstract_state(task, mesh)
+  task = parallel.shard_task(task, abstract)
+  sharding = parallel.batch_sharding(mesh, (BATCH, batches[0]["tokens"].shape[1]))
+  with jax.set_mesh(mesh):
+    state = parallel.init_state(task, abstract, jax.random.key(0))
+    placed = [parallel.global_batch(b, sharding, BATCH) for b in batches]
+    compiled = train.jit_train_step(task, parallel.shardings(abstract), sharding).lower(
+        state, placed[0]).compile()
+    per_device = parallel.bytes_per_device(state)
+    losses = []
+    for batch in placed:
+      state, m = compiled(state, batch)
+      losses.append(float(m["loss"]))
+  return losses, state, compiled.memory_analysis(), per_device
+
+
+def unsharded_steps(task, batches):
+  step = train.jit_train_step(task)
+  state = jax.jit(lambda k: train.init_state(task, task.init_params(k)))(jax.random.key(0))
+  losses = []
+  for batch in batches:
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  return losses, jax.device_get(state)
+
+
+def check_steps() -> dict:
+  """Sharded against unsharded steps on every mesh of MESHES (and with 2 micro-batches on
+  (2, 2, 2)), and FSDP=8 memory."""
+  task = train.Task.from_config(tiny(), VOCAB, VOCAB - 1)
+  rng = np.random.default_rng(0)
+  batches = [{"tokens": rng.integers(0, VOCAB - 1, (BATCH, 32), dtype=np.int32)}
+             for _ in range(STEPS)]
+  ref_losses, ref = unsharded_steps(task, batches)
+  out = {"reference_losses": ref_losses, "meshes": {}}
+  accum = train.Task.from_config(tiny(grad_accum=2), VOCAB, VOCAB - 1)
+  accum_losses, accum_ref = unsharded_steps(accum, batches)
+  losses, state, _, _ = sharded_steps(accum, batches, (2, 2, 2))
+  out["grad_accum"] = {"reference_losses": accum_losses, "losses": losses,
+                       "params_max_abs_diff": max_abs_diff(accum_ref.params, state.params)}
+  for shape in MESHES:
+    losses, state, memory, per_device = sharded_steps(task, batches, shape)
+    out["meshes"][str(shape)] = {
+        "losses": losses,
+        "params_max_abs_diff": max_abs_diff(ref.params, state.params),
+        "ema_max_abs_diff": max_abs_diff(ref.ema_params, state.ema_params),
+        "opt_state_max_abs_diff": max_abs_diff(ref.opt_state, state.opt_state),
+        "qkv_spec": str(state.params["blocks_0"]["attn_qkv"]["kernel"].sharding.spec)}
+    if shape == (1, 8, 1):
+      total = {k: sum(x.nbytes for x in jax.tree.leaves(getattr(state, k)))
+               for k in ("params", "opt_state")}
+      device = {k: max(parallel.bytes_per_device(getattr(state, k)).values()) for k in total}
+      out["fsdp8"] = {
+          "total_bytes": total, "max_device_bytes": device,
+          "state_total_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
+          "state_max_device_bytes": max(per_device.values()),
+          "batch_device_bytes": BATCH * 32 * 4 // 8,
+          "argument_bytes": memory.argument_size_in_bytes if memory else None,
+          "alias_bytes": memory.alias_size_in_bytes if memory else None}
+  return out
+
+
+def losses(workdir) -> dict[int, float]:
+  out = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if "train/loss" in row:
+      out[row["step"]] = row["train/loss"]
+  return out
+
+
+def check_restore(workdir: Path) -> dict:
+  """Train 8 steps with FSDP = 8; resume its step-4 checkpoint on FSDP x tensor = 2 x 4."""
+  first, second = workdir / "fsdp8", workdir / "fsdp2_tensor4"
+  corpus = workdir / "corpus.txt"   # fixed text: both runs must see the same documents
+  corpus.write_text("\n\n".join(demo_documents()))
+  config = tiny(num_steps=8, checkpoint_every=4, eval_every=100, eval_batches=1, log_every=1)
+  config.data.update(source="text", train_files=str(corpus))
+  config.sample.num_samples = 0
+  config.mesh = mesh_config((1, 8, 1))
+  run.train_and_evaluate(config, str(first))
+  shutil.copytree(first, second)
+  shutil.rmtree(second / "checkpoints" / "8")
+  (second / "metrics.jsonl").unlink()
+  config.mesh = mesh_config((1, 2, 4))
+  run.train_and_evaluate(config, str(second))
+  return {"first_mesh": losses(first), "second_mesh": losses(second)}
+
+
+def main(workdir: str) -> None:
+  assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  out = {"steps": check_steps(), "restore": check_restore(Path(workdir))}
+  print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
