@@ -45,3 +45,14 @@ def block_scalars(prefix: str, block_nelbo_N) -> dict:
     out[f"{prefix}/{start:0{width}d}"] = b.mean()
     start += len(b)
   return out
+
+
+def read_scalars(workdir: str, name: str) -> dict[int, float]:
+  """The last value logged for `name` at each step in WORKDIR/metrics.jsonl (a resumed run
+  re-logs the steps it replays)."""
+  out = {}
+  with (epath.Path(workdir) / "metrics.jsonl").open() as f:
+    for row in map(json.loads, f):
+      if name in row:
+        out[row["step"]] = row[name]
+  return out

@@ -34,7 +34,6 @@ line with both and their ratio. Conventions:
 """
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -62,8 +61,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the loop (default: a
 
 def loop_windows(workdir: str) -> list[float]:
   """The loop's own `train/steps_per_s` of each window, from metrics.jsonl."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r["train/steps_per_s"] for r in map(json.loads, f) if "train/steps_per_s" in r]
+  from bd3jax import metrics
+  return list(metrics.read_scalars(workdir, "train/steps_per_s").values())
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_config  # noqa: E402
-from bd3jax import parallel, run, train  # noqa: E402
+from bd3jax import metrics, parallel, run, train  # noqa: E402
 from bd3jax.data import demo_documents  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]   # (data, fsdp, tensor)
@@ -108,15 +108,6 @@ def check_steps() -> dict:
   return out
 
 
-def losses(workdir) -> dict[int, float]:
-  out = {}
-  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    if "train/loss" in row:
-      out[row["step"]] = row["train/loss"]
-  return out
-
-
 def check_restore(workdir: Path) -> dict:
   """Train 8 steps with FSDP = 8; resume its step-4 checkpoint on FSDP x tensor = 2 x 4."""
   first, second = workdir / "fsdp8", workdir / "fsdp2_tensor4"
@@ -132,7 +123,8 @@ def check_restore(workdir: Path) -> dict:
   (second / "metrics.jsonl").unlink()
   config.mesh = mesh_config((1, 2, 4))
   run.train_and_evaluate(config, str(second))
-  return {"first_mesh": losses(first), "second_mesh": losses(second)}
+  return {"first_mesh": metrics.read_scalars(first, "train/loss"),
+          "second_mesh": metrics.read_scalars(second, "train/loss")}
 
 
 def main(workdir: str) -> None:

@@ -12,20 +12,14 @@ import numpy as np
 import pytest
 import tiny_config
 
-from bd3jax import checkpoint, run, train
+from bd3jax import checkpoint, metrics, run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(Path(__file__).with_name("tiny_config.py"))
 
 
 def losses(workdir) -> dict[int, float]:
-  """The last logged training loss of every step (a resumed run re-logs replayed steps)."""
-  out = {}
-  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    if "train/loss" in row:
-      out[row["step"]] = row["train/loss"]
-  return out
+  return metrics.read_scalars(workdir, "train/loss")
 
 
 def main_py(workdir, *overrides, **popen):

@@ -1,5 +1,3 @@
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,4 +60,3 @@ def test_param_axes_cover_every_parameter():
   shapes = jax.eval_shape(task.init_params, jax.random.key(0))
   assert jax.tree.structure(shapes) == jax.tree.structure(axes, is_leaf=lambda x: x is None or
                                                           isinstance(x, jax.sharding.PartitionSpec))
-  assert dataclasses.is_dataclass(task)

@@ -31,13 +31,17 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def eos_id(self) -> int: ...
 
-  @property
-  @abc.abstractmethod
-  def pad_id(self) -> int: ...
+  # Set by each tokenizer's constructor.
+  _pad_id: int
+  _mask_id: int
 
   @property
-  @abc.abstractmethod
-  def mask_id(self) -> int: ...
+  def pad_id(self) -> int:
+    return self._pad_id
+
+  @property
+  def mask_id(self) -> int:
+    return self._mask_id
 
   @abc.abstractmethod
   def encode(self, text: str) -> list[int]:

@@ -96,7 +96,7 @@ class GPT2Tokenizer(Tokenizer):
   def __init__(self, ranks: dict[bytes, int], eos_id: int):
     if eos_id in ranks.values():
       raise ValueError(f"EOS id {eos_id} is also the rank of a BPE token")
-    self._ranks, self._eos_id = ranks, eos_id
+    self._ranks, self._eos_id, self._pad_id = ranks, eos_id, eos_id
     self._mask_id = max(max(ranks.values()), eos_id) + 1
     self._known = frozenset(ranks.values())
     self._enc = _tiktoken().Encoding("bd3jax-gpt2", pat_str=PATTERN, mergeable_ranks=ranks,
@@ -153,14 +153,6 @@ class GPT2Tokenizer(Tokenizer):
   @property
   def eos_id(self) -> int:
     return self._eos_id
-
-  @property
-  def pad_id(self) -> int:
-    return self._eos_id
-
-  @property
-  def mask_id(self) -> int:
-    return self._mask_id
 
   def encode(self, text: str) -> list[int]:
     return self._enc.encode_ordinary(text)

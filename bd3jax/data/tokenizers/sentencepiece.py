@@ -72,15 +72,6 @@ class SentencePieceTokenizer(Tokenizer):
   def eos_id(self) -> int:
     return self._sp.eos_id()
 
-  @property
-  def pad_id(self) -> int:
-    """The model's pad piece, or EOS when it has none."""
-    return self._pad_id
-
-  @property
-  def mask_id(self) -> int:
-    return self._mask_id
-
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without BOS/EOS."""
     return self._sp.encode(text)

@@ -129,15 +129,6 @@ class WordPieceTokenizer(Tokenizer):
   def eos_id(self) -> int:
     return self._ids["[SEP]"]
 
-  @property
-  def pad_id(self) -> int:
-    """[PAD], or EOS when the vocabulary has none."""
-    return self._pad_id
-
-  @property
-  def mask_id(self) -> int:
-    return self._mask_id
-
   def encode(self, text: str) -> list[int]:
     if text.isascii():
       words = text.translate(_ASCII_CLEAN).split()
