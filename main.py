@@ -9,10 +9,14 @@ Running the same command again resumes from the latest checkpoint in --workdir.
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from bd3jax import host
 
-import bd3jax
+host.keep_freed_memory()  # first, before jax starts its threads
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import bd3jax  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py); override any field with "

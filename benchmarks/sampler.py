@@ -35,6 +35,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bd3jax import host  # noqa: E402
+
+host.keep_freed_memory()  # as main.py does, before jax starts its threads
+
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

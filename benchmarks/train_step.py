@@ -26,6 +26,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bd3jax import host  # noqa: E402
+
+host.keep_freed_memory()  # as main.py does, before jax starts its threads
+
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
