@@ -1,16 +1,29 @@
 """Masked multi-head attention behind one function, with several implementations.
 
 `dense` is the obviously-correct reference: an einsum with the boolean mask and a
-float32 softmax. `xla` and `cudnn` go through `jax.nn.dot_product_attention`.
+float32 softmax. `xla` and `cudnn` go through `jax.nn.dot_product_attention`. `pallas` is
+bd3jax's block-sparse kernel (GPU via Triton; interpreted on CPU), `splash` JAX's TPU splash
+attention with the BD3 mask (interpreted on CPU); both skip the empty tiles of the mask.
+`auto` picks per backend: `splash` on TPU, `dense` on CPU, and on GPU `cudnn` (bfloat16 /
+float16) or `xla`; `pallas` is not auto's GPU choice because its Triton build has not yet been
+timed against cuDNN (benchmarks/attention.py) — select it explicitly.
 KV-cache decoding writes into a heads-major ring buffer of S slots and attends densely over it.
 """
 
 import jax
 import jax.numpy as jnp
 
+from bd3jax.kernels import block_sparse_attention, platform, splash_attention
 from bd3jax.masks import AttentionMask
 
-IMPLEMENTATIONS = ("dense", "xla", "cudnn")
+IMPLEMENTATIONS = ("dense", "xla", "cudnn", "pallas", "splash", "auto")
+
+
+def _auto(dtype) -> str:
+  backend = platform.backend()
+  if backend == "gpu":
+    return "cudnn" if dtype in (jnp.bfloat16, jnp.float16) else "xla"
+  return "splash" if backend == "tpu" else "dense"
 
 
 def dense_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS):
@@ -25,6 +38,12 @@ def dense_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS):
 
 def attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, implementation: str = "dense"):
   """Attention of T = mask.num_tokens queries over the same T keys under a BD3 mask."""
+  if implementation == "auto":
+    implementation = _auto(q_BTHK.dtype)
+  if implementation == "pallas":
+    return block_sparse_attention(q_BTHK, k_BTHK, v_BTHK, mask)
+  if implementation == "splash":
+    return splash_attention(q_BTHK, k_BTHK, v_BTHK, mask)
   mask_TT = jnp.asarray(mask.dense())
   if implementation == "dense":
     return dense_attention(q_BTHK, k_BTHK, v_BTHK, mask_TT)

@@ -1,0 +1,262 @@
+"""Block-sparse flash attention for the BD3 masks: a Pallas kernel, forward and backward.
+
+`block_sparse_attention(q_BTHK, k_BTHK, v_BTHK, mask)` equals `dense_attention` under
+`mask.dense()`, without ever touching an empty tile (see `tiles.py` for the tile lists).
+- Forward: one program per (batch, head, query tile); it walks the key tiles of its row,
+  full ones without mask arithmetic, then partial ones through `tiles.visible`, with an
+  online softmax in float32; it writes the output and the log-sum-exp `lse_BHT` (float32).
+- Backward (`jax.custom_vjp`), FlashAttention-2 style with no atomics: delta = rowsum(dO * O)
+  in XLA; one kernel per (batch, head, query tile) accumulates dq over the same key tiles;
+  one per (batch, head, key tile) accumulates dk and dv over the query tiles that see it.
+  Probabilities are recomputed from `lse`; they are cast to the input dtype before the
+  matmuls with v / dO, as `dense_attention` does; all accumulators are float32.
+
+Tiles: `BLOCK_Q` = `BLOCK_K` = 64 by default (clipped to T rounded up to a power of two).
+At L = 1024, L' = 16 the non-empty 64 x 64 tiles cover 28.1% of the 2L x 2L matrix (the mask
+itself 25.4%), against 31.2% for 128-wide tiles, and a 64 x 64 float32 score tile with head
+dim 64 or 128 keeps the Triton working set within registers at 4 warps (untuned: the
+benchmark takes `--block_q/--block_k`). Tile sizes must be powers of two (Triton); T is
+padded to a multiple of both (`tiles.padded_mask`). On GPU the kernels lower through Triton
+(float32 matmuls there may run as TF32); on CPU they run interpreted.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from bd3jax.kernels import platform
+from bd3jax.kernels.tiles import kernel_tiles, visible
+from bd3jax.masks import AttentionMask
+
+BLOCK_Q = 64
+BLOCK_K = 64
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK_VALUE - m) == 0
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static arguments of the kernels (hashable); `num_tokens` is T after padding."""
+  mask: AttentionMask
+  num_tokens: int
+  block_q: int
+  block_k: int
+  interpret: bool
+
+
+def block_sparse_attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, *,
+                           block_q: int | None = None, block_k: int | None = None,
+                           interpret: bool | None = None):
+  """softmax(q k^T / sqrt(K) + mask) v over T = mask.num_tokens tokens, block-sparse.
+
+  `block_q`/`block_k` default to `BLOCK_Q`/`BLOCK_K`; `interpret` defaults to True on
+  CPU. Differentiable in q, k and v.
+  """
+  cfg = kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q, block_k, interpret)
+  t = q_BTHK.shape[1]
+  pad = lambda x_BTHK: jnp.pad(x_BTHK, ((0, 0), (0, cfg.num_tokens - t), (0, 0), (0, 0)))
+  return _attention(pad(q_BTHK), pad(k_BTHK), pad(v_BTHK), cfg)[:, :t]
+
+
+def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None,
+                  interpret=None) -> KernelConfig:
+  """Checks the inputs and settles tiles, padded length and interpret mode."""
+  if not q_BTHK.shape == k_BTHK.shape == v_BTHK.shape or q_BTHK.ndim != 4:
+    raise ValueError(f"pallas attention needs q, k, v of one shape [B, T, H, K]; got "
+                     f"{q_BTHK.shape}, {k_BTHK.shape}, {v_BTHK.shape}")
+  if not q_BTHK.dtype == k_BTHK.dtype == v_BTHK.dtype or q_BTHK.dtype not in DTYPES:
+    raise ValueError(f"pallas attention needs q, k, v all float32 or all bfloat16; got "
+                     f"{q_BTHK.dtype}, {k_BTHK.dtype}, {v_BTHK.dtype}")
+  t, head_dim = q_BTHK.shape[1], q_BTHK.shape[3]
+  if t != mask.num_tokens:
+    raise ValueError(f"the {mask.kind.value} mask covers {mask.num_tokens} tokens, q has {t}")
+  interpret = platform.interpret_by_default() if interpret is None else interpret
+  if not interpret:
+    if platform.backend() != "gpu":
+      raise ValueError(f"model.attention 'pallas' compiles for GPU only (backend is "
+                       f"{platform.backend()!r}); use 'splash' on TPU, 'dense' on CPU")
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+      raise ValueError(f"model.attention 'pallas' on GPU needs a power-of-two head dim in "
+                       f"[16, 256]; got {head_dim} (d_model / n_heads)")
+  t_pow2 = 1 << (t - 1).bit_length()
+  block_q = min(BLOCK_Q if block_q is None else block_q, t_pow2)
+  block_k = min(BLOCK_K if block_k is None else block_k, t_pow2)
+  for name, block in (("block_q", block_q), ("block_k", block_k)):
+    if block < 1 or block & (block - 1):
+      raise ValueError(f"pallas attention tile {name}={block} must be a power of two")
+  step = max(block_q, block_k)
+  return KernelConfig(mask, -(-t // step) * step, block_q, block_k, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):
+  return forward(q_BTHK, k_BTHK, v_BTHK, cfg)[0]
+
+
+def _attention_fwd(q_BTHK, k_BTHK, v_BTHK, cfg):
+  o_BTHK, lse_BHT = forward(q_BTHK, k_BTHK, v_BTHK, cfg)
+  return o_BTHK, (q_BTHK, k_BTHK, v_BTHK, o_BTHK, lse_BHT)
+
+
+def _attention_bwd(cfg, residuals, do_BTHK):
+  return backward(*residuals, do_BTHK, cfg)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _visit(counts_ref, index_ref, body, carry):
+  """carry = body(tile, masked, carry) over the listed full tiles, then the partial ones."""
+  n_full, n_partial = counts_ref[0], counts_ref[1]
+  carry = lax.fori_loop(0, n_full, lambda n, c: body(index_ref[n], False, c), carry)
+  return lax.fori_loop(n_full, n_full + n_partial, lambda n, c: body(index_ref[n], True, c), carry)
+
+
+def _tile(ref, index, size):
+  return ref[pl.ds(pl.multiple_of(index * size, size), size)]
+
+
+def _positions(index, size):
+  return index * size + jnp.arange(size, dtype=jnp.int32)
+
+
+def _logits(q_QD, k_KD, q_pos_Q, k_pos_K, masked: bool, cfg: KernelConfig):
+  """Scaled float32 logits of one tile; the mask applied only when `masked`."""
+  s_QK = jnp.dot(q_QD, k_KD.T, preferred_element_type=jnp.float32) * q_QD.shape[-1] ** -0.5
+  if masked:
+    s_QK = jnp.where(visible(cfg.mask, cfg.num_tokens, q_pos_Q, k_pos_K), s_QK, MASK_VALUE)
+  return s_QK
+
+
+def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
+  bq, bk = cfg.block_q, cfg.block_k
+  q_QD = q_ref[...]
+  q_pos_Q = _positions(pl.program_id(2), bq)
+
+  def body(j, masked, carry):
+    acc_QD, m_Q, l_Q = carry
+    k_KD, v_KD = _tile(k_ref, j, bk), _tile(v_ref, j, bk)
+    s_QK = _logits(q_QD, k_KD, q_pos_Q, _positions(j, bk), masked, cfg)
+    m_new_Q = jnp.maximum(m_Q, s_QK.max(axis=-1))
+    rescale_Q = jnp.exp(m_Q - m_new_Q)
+    p_QK = jnp.exp(s_QK - m_new_Q[:, None])
+    l_Q = rescale_Q * l_Q + p_QK.sum(axis=-1)
+    acc_QD = rescale_Q[:, None] * acc_QD + jnp.dot(
+        p_QK.astype(v_KD.dtype), v_KD, preferred_element_type=jnp.float32)
+    return acc_QD, m_new_Q, l_Q
+
+  init = (jnp.zeros(q_QD.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc_QD, m_Q, l_Q = _visit(counts_ref, index_ref, body, init)
+  o_ref[...] = (acc_QD / l_Q[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m_Q + jnp.log(l_Q)
+
+
+def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               *, cfg):
+  bq, bk = cfg.block_q, cfg.block_k
+  q_QD, do_QD, lse_Q, delta_Q = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_pos_Q = _positions(pl.program_id(2), bq)
+
+  def body(j, masked, dq_QD):
+    k_KD, v_KD = _tile(k_ref, j, bk), _tile(v_ref, j, bk)
+    p_QK = jnp.exp(_logits(q_QD, k_KD, q_pos_Q, _positions(j, bk), masked, cfg) - lse_Q[:, None])
+    dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
+    ds_QK = p_QK * (dp_QK - delta_Q[:, None])
+    return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, preferred_element_type=jnp.float32)
+
+  dq_QD = _visit(counts_ref, index_ref, body, jnp.zeros(q_QD.shape, jnp.float32))
+  dq_ref[...] = (dq_QD * q_QD.shape[-1] ** -0.5).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, *, cfg):
+  bq, bk = cfg.block_q, cfg.block_k
+  k_KD, v_KD = k_ref[...], v_ref[...]
+  k_pos_K = _positions(pl.program_id(2), bk)
+
+  def body(i, masked, carry):
+    dk_KD, dv_KD = carry
+    q_QD, do_QD = _tile(q_ref, i, bq), _tile(do_ref, i, bq)
+    lse_Q, delta_Q = _tile(lse_ref, i, bq), _tile(delta_ref, i, bq)
+    p_QK = jnp.exp(_logits(q_QD, k_KD, _positions(i, bq), k_pos_K, masked, cfg) - lse_Q[:, None])
+    dv_KD = dv_KD + jnp.dot(p_QK.astype(do_QD.dtype).T, do_QD, preferred_element_type=jnp.float32)
+    dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
+    ds_QK = p_QK * (dp_QK - delta_Q[:, None])
+    dk_KD = dk_KD + jnp.dot(ds_QK.astype(q_QD.dtype).T, q_QD, preferred_element_type=jnp.float32)
+    return dk_KD, dv_KD
+
+  zeros_KD = jnp.zeros(k_KD.shape, jnp.float32)
+  dk_KD, dv_KD = _visit(counts_ref, index_ref, body, (zeros_KD, zeros_KD))
+  dk_ref[...] = (dk_KD * k_KD.shape[-1] ** -0.5).astype(dk_ref.dtype)
+  dv_ref[...] = dv_KD.astype(dv_ref.dtype)
+
+
+def _specs(t, d, block):
+  """BlockSpecs over grid (batch, head, tile): a [block, K] tile, the whole [T, K] sequence,
+  a [block] and a [T] slice of a [B, H, T] array."""
+  tile = pl.BlockSpec((None, block, None, d), lambda b, h, n: (b, n, h, 0))
+  whole = pl.BlockSpec((None, t, None, d), lambda b, h, n: (b, 0, h, 0))
+  row_tile = pl.BlockSpec((None, None, block), lambda b, h, n: (b, h, n))
+  row_whole = pl.BlockSpec((None, None, t), lambda b, h, n: (b, h, 0))
+  return tile, whole, row_tile, row_whole
+
+
+def _list_specs(lists):
+  return [pl.BlockSpec((None, 2), lambda b, h, n: (n, 0)),
+          pl.BlockSpec((None, lists.index_NP.shape[1]), lambda b, h, n: (n, 0))]
+
+
+def _list_args(lists):
+  return jnp.asarray(lists.counts_N2), jnp.asarray(lists.index_NP)
+
+
+def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
+  params = None if cfg.interpret else plgpu.CompilerParams(num_warps=4, num_stages=2)
+  return pl.pallas_call(
+      functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, interpret=cfg.interpret, compiler_params=params, name=name)
+
+
+def forward(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):
+  """(o_BTHK, lse_BHT): the output and float32 log-sum-exp; T already cfg.num_tokens."""
+  b, t, h, d = q_BTHK.shape
+  rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, cfg.block_q, cfg.block_k)
+  q_tile, whole, lse_tile, _ = _specs(t, d, cfg.block_q)
+  return _call(
+      _forward_kernel, cfg, (b, h, t // cfg.block_q),
+      [*_list_specs(rows), q_tile, whole, whole], [q_tile, lse_tile],
+      [jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
+       jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+      "bd3_attention_fwd")(*_list_args(rows), q_BTHK, k_BTHK, v_BTHK)
+
+
+def backward(q_BTHK, k_BTHK, v_BTHK, o_BTHK, lse_BHT, do_BTHK, cfg: KernelConfig):
+  """(dq, dk, dv) from the forward's residuals and the output cotangent (T padded)."""
+  b, t, h, d = q_BTHK.shape
+  rows, cols = kernel_tiles(cfg.mask, cfg.num_tokens, cfg.block_q, cfg.block_k)
+  delta_BHT = jnp.einsum("bthk,bthk->bht", o_BTHK.astype(jnp.float32),
+                         do_BTHK.astype(jnp.float32))
+  do_BTHK = do_BTHK.astype(q_BTHK.dtype)
+  args = (q_BTHK, k_BTHK, v_BTHK, do_BTHK, lse_BHT, delta_BHT)
+
+  q_tile, whole, row_tile, _ = _specs(t, d, cfg.block_q)
+  dq_BTHK = _call(
+      _dq_kernel, cfg, (b, h, t // cfg.block_q),
+      [*_list_specs(rows), q_tile, whole, whole, q_tile, row_tile, row_tile], q_tile,
+      jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
+      "bd3_attention_dq")(*_list_args(rows), *args)
+
+  k_tile, whole, _, row_whole = _specs(t, d, cfg.block_k)
+  dk_BTHK, dv_BTHK = _call(
+      _dkv_kernel, cfg, (b, h, t // cfg.block_k),
+      [*_list_specs(cols), whole, k_tile, k_tile, whole, row_whole, row_whole], [k_tile, k_tile],
+      [jax.ShapeDtypeStruct(k_BTHK.shape, k_BTHK.dtype),
+       jax.ShapeDtypeStruct(v_BTHK.shape, v_BTHK.dtype)],
+      "bd3_attention_dkv")(*_list_args(cols), *args)
+  return dq_BTHK, dk_BTHK, dv_BTHK

@@ -1,0 +1,97 @@
+"""What a block-sparse kernel needs to know about a BD3 mask, all static.
+
+The mask is split into tiles of `block_q` queries by `block_k` keys and each tile is
+classified by `masks.tile_map` as empty, partial or full. A kernel program that owns one
+row tile visits only the non-empty column tiles of its row, listed as:
+- `counts_N2[n] = (number of full tiles, number of partial tiles)` of row tile n;
+- `index_NP[n]`: their column-tile indices, the full ones first, then the partial ones,
+  padded with zeros to a power of two P (Triton block shapes must be powers of two).
+Empty tiles appear nowhere, so they are never loaded nor computed; the kernel runs a
+loop without mask arithmetic over the full tiles, then a masked loop over the partial ones.
+The forward pass and dq use the lists over key tiles per query tile, dk/dv the transposed ones.
+
+`visible` recomputes the mask element-wise from positions (integer arithmetic, no mask
+tensor in memory); the kernels call it on partial tiles only.
+
+Token counts that no tile divides (e.g. the AR model's L - 1 causal tokens) are padded to
+`num_tokens`: padding tokens see only each other, so real rows are unchanged and every
+padded row has a well-defined softmax (no NaN reaches the gradients).
+"""
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bd3jax.masks import AttentionMask, MaskKind, Tile, tile_map
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLists:
+  """Non-empty column tiles of each row tile: full ones first, then partial ones."""
+  counts_N2: np.ndarray  # int32 [row tiles, 2]: (n_full, n_partial)
+  index_NP: np.ndarray   # int32 [row tiles, P]: column-tile indices, zero-padded
+
+
+def _next_power_of_two(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def tile_lists(map_NM: np.ndarray) -> TileLists:
+  """Lists the non-empty tiles of each row of a `masks.tile_map`."""
+  n_full_N = (map_NM == Tile.FULL).sum(1)
+  n_partial_N = (map_NM == Tile.PARTIAL).sum(1)
+  width = _next_power_of_two(int((n_full_N + n_partial_N).max()))
+  index_NP = np.zeros((map_NM.shape[0], width), np.int32)
+  for n, row_M in enumerate(map_NM):
+    order = np.concatenate([np.flatnonzero(row_M == Tile.FULL),
+                            np.flatnonzero(row_M == Tile.PARTIAL)])
+    index_NP[n, :len(order)] = order
+  counts_N2 = np.stack([n_full_N, n_partial_N], axis=1).astype(np.int32)
+  counts_N2.setflags(write=False)
+  index_NP.setflags(write=False)
+  return TileLists(counts_N2, index_NP)
+
+
+def padded_mask(mask: AttentionMask, num_tokens: int) -> np.ndarray:
+  """[N, N] bool: `mask.dense()` with N - T padding tokens that see only each other."""
+  t = mask.num_tokens
+  out_NN = np.zeros((num_tokens, num_tokens), bool)
+  out_NN[:t, :t] = mask.dense()
+  out_NN[t:, t:] = True
+  return out_NN
+
+
+@functools.lru_cache(maxsize=64)
+def kernel_tiles(mask: AttentionMask, num_tokens: int, block_q: int,
+                 block_k: int) -> tuple[TileLists, TileLists]:
+  """(key tiles per query tile, query tiles per key tile) of the padded mask."""
+  map_NM = tile_map(padded_mask(mask, num_tokens), block_q, block_k)
+  return tile_lists(map_NM), tile_lists(map_NM.T)
+
+
+def visible(mask: AttentionMask, num_tokens: int, q_pos_Q, k_pos_K):
+  """[Q, K] bool: `padded_mask(mask, num_tokens)` at these positions, by arithmetic."""
+  vis_QK = _visible(mask, q_pos_Q, k_pos_K)
+  if num_tokens == mask.num_tokens:
+    return vis_QK
+  q_pad_Q1, k_pad_1K = (q_pos_Q >= mask.num_tokens)[:, None], (k_pos_K >= mask.num_tokens)[None, :]
+  return jnp.where(q_pad_Q1 | k_pad_1K, q_pad_Q1 & k_pad_1K, vis_QK)
+
+
+def _visible(mask: AttentionMask, q_pos_Q, k_pos_K):
+  if mask.kind is MaskKind.FULL:
+    return jnp.ones((q_pos_Q.shape[0], k_pos_K.shape[0]), jnp.bool_)
+  length, size = mask.seq_len, mask.block_size
+  if mask.kind is MaskKind.BLOCK_CAUSAL:
+    return lax.div(k_pos_K, size)[None, :] <= lax.div(q_pos_Q, size)[:, None]
+  # Training mask over x_t ⊕ x_0: an x_0 key is visible iff its block is earlier than the
+  # query's (x_t query) or not later (x_0 query); an x_t key only to x_t queries of its block.
+  q_x0_Q, k_x0_K = q_pos_Q >= length, k_pos_K >= length
+  q_blk_Q = lax.div(jnp.where(q_x0_Q, q_pos_Q - length, q_pos_Q), size)
+  k_blk_K = lax.div(jnp.where(k_x0_K, k_pos_K - length, k_pos_K), size)
+  sees_x0_QK = k_blk_K[None, :] < q_blk_Q[:, None] + q_x0_Q[:, None].astype(jnp.int32)
+  sees_xt_QK = ~q_x0_Q[:, None] & (k_blk_K[None, :] == q_blk_Q[:, None])
+  return jnp.where(k_x0_K[None, :], sees_x0_QK, sees_xt_QK)

@@ -1,0 +1,115 @@
+"""Speed of the attention implementations under the BD3 training mask, forward and backward.
+
+  python benchmarks/attention.py     # batch 16, 12 heads, 2L = 2048, head dim 64, L' 16, bf16
+  python benchmarks/attention.py --impls=pallas,cudnn,xla --block_q=128 --block_k=64
+  python benchmarks/attention.py --batch=1 --heads=2 --length=64 --impls=dense,xla,pallas \
+      --steps=3 --warmup=1                                  # a CPU smoke run (pallas interpreted)
+
+Prints one JSON line per (implementation, pass). Conventions:
+- inputs: q, k, v, dO ~ N(0, 1) in `--dtype`, shape [batch, 2L, heads, head_dim], one fixed
+  draw already on device; the mask is `AttentionMask(TRAINING, L, L')`, i.e. the 2L x 2L
+  training mask of x_t ⊕ x_0; every implementation goes through `bd3jax.model.attention`
+  (`cudnn` and `xla` are `jax.nn.dot_product_attention` with the dense [2L, 2L] mask), except
+  that `pallas` calls `block_sparse_attention` itself with `--block_q`/`--block_k` tiles.
+- "fwd" times `attention(q, k, v)`; "fwd_bwd" times the output and (dq, dk, dv) of
+  sum(attention(q, k, v) * dO) through `jax.vjp`; both jitted, nothing donated.
+- timing (`benchmarks/common.time_calls`): the first call compiles (`compile_s`), `--warmup`
+  calls in all before timing, then the median of `--steps` calls, each ended by
+  `jax.block_until_ready`; `ms` is that median.
+- max_abs_err: of the fwd output against `dense` run in float32 on the same values, checked
+  after the fwd timing (bf16 rounding alone gives about 1e-2).
+- tflops_per_s: FLOPs of the visible (query, key) pairs only, 4 * B * H * nnz * K for fwd
+  (two matmuls), 3.5 times that for fwd_bwd (the backward's five matmuls), over `ms`.
+- tile_fraction (pallas): share of the [2L/block_q, 2L/block_k] tiles that are computed.
+- an implementation that fails (e.g. cudnn on CPU, splash off TPU) prints its error instead.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from bd3jax.kernels import block_sparse, tiles  # noqa: E402
+from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
+from bd3jax.model.attention import IMPLEMENTATIONS, attention  # noqa: E402
+
+_IMPLS = flags.DEFINE_list("impls", ["pallas", "cudnn", "xla"],
+                           f"Implementations to time, among {IMPLEMENTATIONS}.")
+_BATCH = flags.DEFINE_integer("batch", 16, "Sequences.")
+_HEADS = flags.DEFINE_integer("heads", 12, "Attention heads.")
+_LENGTH = flags.DEFINE_integer("length", 1024, "L; attention runs over 2L tokens.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "L', the diffusion block size.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension K.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q, k, v dtype.")
+_BLOCK_Q = flags.DEFINE_integer("block_q", block_sparse.BLOCK_Q, "pallas query tile.")
+_BLOCK_K = flags.DEFINE_integer("block_k", block_sparse.BLOCK_K, "pallas key tile.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed calls per measurement.")
+_WARMUP = flags.DEFINE_integer("warmup", 5,
+                               "Untimed calls before timing, the compiling one included.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random inputs.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  unknown = sorted(set(_IMPLS.value) - set(IMPLEMENTATIONS))
+  if unknown:
+    raise app.UsageError(f"--impls {unknown} not among {IMPLEMENTATIONS}")
+  mask = AttentionMask(MaskKind.TRAINING, _LENGTH.value, _BLOCK_SIZE.value)
+  t = mask.num_tokens
+  shape = (_BATCH.value, t, _HEADS.value, _HEAD_DIM.value)
+  keys = jax.random.split(jax.random.key(_SEED.value), 4)
+  q, k, v, do = (jax.random.normal(key, shape, jnp.float32).astype(_DTYPE.value) for key in keys)
+  reference = jax.jit(lambda q, k, v: attention(q, k, v, mask, "dense"))(
+      *(x.astype(jnp.float32) for x in (q, k, v)))
+  fwd_flops = 4 * _BATCH.value * _HEADS.value * int(mask.dense().sum()) * _HEAD_DIM.value
+  shared = {"benchmark": "attention", "batch": _BATCH.value, "heads": _HEADS.value,
+            "tokens": t, "head_dim": _HEAD_DIM.value, "block_size": _BLOCK_SIZE.value,
+            "dtype": _DTYPE.value, "mask_density": float(mask.dense().mean()),
+            **common.device_summary(), "steps": _STEPS.value, "warmup": _WARMUP.value}
+
+  for impl in _IMPLS.value:
+    try:
+      _measure(impl, mask, (q, k, v, do), reference, fwd_flops, {**shared, "impl": impl})
+    except Exception as e:  # report and go on with the next implementation
+      common.emit({**shared, "impl": impl,
+                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+
+
+def _measure(impl, mask, inputs, reference, fwd_flops, record):
+  q, k, v, do = inputs
+  if impl == "pallas":
+    cfg = block_sparse.kernel_config(q, k, v, mask, _BLOCK_Q.value, _BLOCK_K.value)
+    rows, _ = tiles.kernel_tiles(mask, cfg.num_tokens, cfg.block_q, cfg.block_k)
+    n_tiles = (cfg.num_tokens // cfg.block_q) * (cfg.num_tokens // cfg.block_k)
+    record.update(block_q=cfg.block_q, block_k=cfg.block_k,
+                  tile_fraction=float(rows.counts_N2.sum() / n_tiles))
+    attend = lambda q, k, v: block_sparse.block_sparse_attention(
+        q, k, v, mask, block_q=cfg.block_q, block_k=cfg.block_k)
+  else:
+    attend = lambda q, k, v: attention(q, k, v, mask, impl)
+
+  def fwd_bwd(q, k, v, do):
+    o, vjp = jax.vjp(attend, q, k, v)
+    return o, vjp(do)
+
+  fwd, fwd_bwd = jax.jit(attend), jax.jit(fwd_bwd)
+  err = None
+  for name, fn, args, flops in (("fwd", fwd, (q, k, v), fwd_flops),
+                                ("fwd_bwd", fwd_bwd, (q, k, v, do), 3.5 * fwd_flops)):
+    compile_s, times = common.time_calls(fn, *args, warmup=_WARMUP.value, steps=_STEPS.value)
+    if err is None:
+      err = float(jnp.abs(fwd(q, k, v).astype(jnp.float32) - reference).max())
+    seconds = common.median(times)
+    common.emit({**record, "pass": name, "ms": 1e3 * seconds, "min_ms": 1e3 * min(times),
+                 "compile_s": compile_s, "tflops_per_s": flops / seconds / 1e12,
+                 "max_abs_err": err})
+
+
+if __name__ == "__main__":
+  app.run(main)

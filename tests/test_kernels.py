@@ -1,0 +1,165 @@
+"""The Pallas attention kernels, interpreted on CPU, against the dense masked reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import MASK_ID, random_params, random_tokens, tiny_model
+from jax.experimental import pallas as pl
+
+from bd3jax.kernels import block_sparse, splash_attention, tiles
+from bd3jax.kernels.block_sparse import block_sparse_attention
+from bd3jax.masks import AttentionMask, MaskKind, Tile, tile_map
+from bd3jax.model.attention import attention, dense_attention
+
+TRAINING, BLOCK_CAUSAL, FULL = MaskKind.TRAINING, MaskKind.BLOCK_CAUSAL, MaskKind.FULL
+
+
+def qkv_and_cotangent(seed, shape, dtype):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def value_and_grads(attend, q, k, v, do):
+  """The output and (dq, dk, dv) of sum(attend(q, k, v) * do)."""
+  o, vjp = jax.vjp(attend, q, k, v)
+  return o, vjp(do)
+
+
+def relative_error(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("kind,seq_len,block_size", [
+    (TRAINING, 16, 1), (TRAINING, 16, 4), (TRAINING, 16, 16), (TRAINING, 32, 16),
+    (TRAINING, 32, 32), (BLOCK_CAUSAL, 32, 4), (BLOCK_CAUSAL, 12, 3), (FULL, 8, 8)])
+def test_visible_and_tile_lists_follow_the_mask(kind, seq_len, block_size):
+  mask = AttentionMask(kind, seq_len, block_size)
+  n = -(-mask.num_tokens // 16) * 16
+  dense_NN = tiles.padded_mask(mask, n)
+  np.testing.assert_array_equal(dense_NN[:mask.num_tokens, :mask.num_tokens], mask.dense())
+  pos = jnp.arange(n, dtype=jnp.int32)
+  np.testing.assert_array_equal(tiles.visible(mask, n, pos, pos), dense_NN)
+  for block_q, block_k in ((8, 8), (16, 4)):
+    rows, cols = tiles.kernel_tiles(mask, n, block_q, block_k)
+    for lists, map_NM in ((rows, tile_map(dense_NN, block_q, block_k)),
+                          (cols, tile_map(dense_NN, block_q, block_k).T)):
+      width = lists.index_NP.shape[1]
+      assert width & (width - 1) == 0
+      for row_M, (n_full, n_partial), index_P in zip(map_NM, lists.counts_N2, lists.index_NP):
+        np.testing.assert_array_equal(index_P[:n_full], np.flatnonzero(row_M == Tile.FULL))
+        np.testing.assert_array_equal(index_P[n_full:n_full + n_partial],
+                                      np.flatnonzero(row_M == Tile.PARTIAL))
+
+
+# (mask kind, L, L', dtype, head dim, block_q, block_k): L' in {1, 4, 16, L}, both dtypes,
+# head dims 64 and 128, square and rectangular tiles; T = 2L for the training mask.
+CASES = [
+    (TRAINING, 16, 1, jnp.float32, 64, 8, 8),
+    (TRAINING, 16, 4, jnp.bfloat16, 64, 8, 8),
+    (TRAINING, 32, 4, jnp.float32, 64, 16, 8),
+    (TRAINING, 32, 16, jnp.bfloat16, 128, 8, 16),
+    (TRAINING, 32, 32, jnp.float32, 64, 16, 16),
+    (BLOCK_CAUSAL, 32, 4, jnp.float32, 64, 8, 8),
+    (BLOCK_CAUSAL, 31, 1, jnp.bfloat16, 64, 8, 8),  # padded: T = 31 tokens, tiles of 8
+    (FULL, 16, 16, jnp.float32, 64, 8, 8),
+]
+
+
+@pytest.mark.parametrize("kind,seq_len,block_size,dtype,head_dim,block_q,block_k", CASES)
+def test_forward_and_gradients_match_dense(kind, seq_len, block_size, dtype, head_dim, block_q,
+                                           block_k):
+  mask = AttentionMask(kind, seq_len, block_size)
+  shape = (2, mask.num_tokens, 3, head_dim)
+  q, k, v, do = qkv_and_cotangent(seq_len + block_size + head_dim, shape, dtype)
+  pallas = functools.partial(block_sparse_attention, mask=mask, block_q=block_q, block_k=block_k)
+  dense = functools.partial(dense_attention, mask_TS=mask.dense())
+  o, grads = value_and_grads(pallas, q, k, v, do)
+  assert o.dtype == dtype and all(g.dtype == dtype for g in grads)
+  if dtype == jnp.float32:
+    o_ref, grads_ref = value_and_grads(dense, q, k, v, do)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+  else:  # against float32 dense on the same bf16 values: bf16 rounding only
+    o_ref, grads_ref = value_and_grads(dense, *(x.astype(jnp.float32) for x in (q, k, v, do)))
+    assert relative_error(o, o_ref) < 1e-2  # dense in bf16 is off by 0.3-0.5%
+    for g, g_ref in zip(grads, grads_ref):
+      assert relative_error(g, g_ref) < 1.5e-2
+
+
+def test_every_output_element_is_written():
+  """The interpreter fills outputs with NaN before the kernel runs; none may survive."""
+  def writes_nothing(x_ref, o_ref):
+    del x_ref, o_ref
+  poisoned = pl.pallas_call(writes_nothing, out_shape=jax.ShapeDtypeStruct((8, 8), jnp.float32),
+                            interpret=True)(jnp.zeros((8, 8)))
+  assert np.isnan(poisoned).all()
+
+  mask = AttentionMask(TRAINING, 32, 4)
+  q, k, v, do = qkv_and_cotangent(0, (2, 64, 2, 64), jnp.float32)
+  cfg = block_sparse.kernel_config(q, k, v, mask, 8, 8)
+  o, lse = block_sparse.forward(q, k, v, cfg)
+  outputs = (o, lse, *block_sparse.backward(q, k, v, o, lse, do, cfg))
+  for out in outputs:
+    assert np.isfinite(out).all()
+
+
+def test_model_loss_and_gradients_identical_with_dense_and_pallas(rng, monkeypatch):
+  monkeypatch.setattr(block_sparse, "BLOCK_Q", 8)  # 8 x 8 tiles: empty, partial and full ones
+  monkeypatch.setattr(block_sparse, "BLOCK_K", 8)
+  length, size = 32, 4
+  mask = AttentionMask(TRAINING, length, size)
+  k_x0, k_xt = jax.random.split(rng)
+  x0 = random_tokens(k_x0, 2, length)
+  xt = jnp.where(jax.random.bernoulli(k_xt, 0.5, x0.shape), MASK_ID, x0)
+  tokens = jnp.concatenate([xt, x0], axis=1)
+  params = random_params(tiny_model(n_layers=1, n_heads=2), tokens, mask)
+
+  def loss_and_grads(implementation):
+    model = tiny_model(n_layers=1, n_heads=2, attention=implementation)
+
+    def loss(params):
+      logits_BLV = model.apply({"params": params}, tokens, None, mask)
+      log_p_BL = jnp.take_along_axis(jax.nn.log_softmax(logits_BLV), x0[..., None], -1)[..., 0]
+      return -jnp.mean(jnp.where(xt == MASK_ID, log_p_BL, 0.0))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss_dense, grads_dense = loss_and_grads("dense")
+  loss_pallas, grads_pallas = loss_and_grads("pallas")
+  np.testing.assert_allclose(loss_pallas, loss_dense, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads_pallas, grads_dense)
+
+
+def test_splash_matches_dense_with_gradients():
+  mask = AttentionMask(TRAINING, 128, 16)  # T = 256: 2 x 2 splash blocks of 128
+  q, k, v, do = qkv_and_cotangent(1, (2, 256, 2, 64), jnp.float32)
+  o, grads = value_and_grads(functools.partial(splash_attention, mask=mask), q, k, v, do)
+  o_ref, grads_ref = value_and_grads(functools.partial(dense_attention, mask_TS=mask.dense()),
+                                     q, k, v, do)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dispatch_and_errors():
+  mask = AttentionMask(TRAINING, 8, 4)
+  q, k, v, _ = qkv_and_cotangent(2, (1, 16, 2, 16), jnp.float32)
+  dense = attention(q, k, v, mask, "dense")
+  np.testing.assert_array_equal(attention(q, k, v, mask, "auto"), dense)  # dense on CPU
+  np.testing.assert_allclose(attention(q, k, v, mask, "pallas"), dense, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="'pallas' compiles for GPU only"):
+    block_sparse_attention(q, k, v, mask, interpret=False)
+  with pytest.raises(ValueError, match="'splash' runs on TPU only"):
+    splash_attention(q, k, v, mask, interpret=False)
+  with pytest.raises(ValueError, match="power of two"):
+    block_sparse_attention(q, k, v, mask, block_q=12)
+  with pytest.raises(ValueError, match="covers 8 tokens, q has 16"):
+    block_sparse_attention(q, k, v, AttentionMask(TRAINING, 4, 4))
+  with pytest.raises(ValueError, match="float32 or all bfloat16"):
+    block_sparse_attention(q, k.astype(jnp.bfloat16), v, mask)
