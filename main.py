@@ -47,7 +47,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _print_samples(samples, workdir):
   for i, row in enumerate(samples):
     print(f"--- sample {i} ({row['length']} tokens) ---\n{row['text']}")
-  print(f"samples written to {workdir}/samples.jsonl")
+  print(f"samples written to {workdir}/samples.jsonl, their summary (entropy, NFEs, lengths, "
+        f"generative perplexity with --config.sample.scorer) to {workdir}/samples_report.json")
 
 
 def _run(config, mode: str, workdir: str) -> None:
@@ -61,8 +62,9 @@ def _run(config, mode: str, workdir: str) -> None:
       return
   else:
     result = run.evaluate_workdir(config, workdir)
-  print(f"step {result['step']}: held-out NELBO {result['nelbo']:.4f} nats/token, "
-        f"perplexity {result['ppl']:.2f}")
+  se = f" ± {result['nelbo_se']:.4f}" if result.get("nelbo_se") else ""
+  print(f"step {result['step']}: held-out NELBO {result['nelbo']:.4f}{se} nats/token, "
+        f"perplexity {result['ppl']:.2f}, block NELBO variance {result['block_nelbo_var']:.4f}")
   if mode == "train" and config.sample.num_samples > 0:
     _print_samples(api.sample_workdir(config, workdir), workdir)
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bd3jax import convert, diffusion, sampling
+from bd3jax import convert, diffusion, generative, sampling
 from bd3jax.model import DiT, ModelConfig
 
 # Special ids of the paper's tokenizers, by vocabulary size (REFERENCE.md §5).
@@ -216,9 +216,12 @@ class _BlockProgress:
     self._bar = None
 
 def sample_workdir(config, workdir: str) -> list[dict]:
-  """`config.sample` samples of a run's latest checkpoint, also written to WORKDIR/samples.jsonl."""
+  """`config.sample` samples of a run's latest checkpoint, also written to WORKDIR/samples.jsonl
+  with their summary (`generative.report`, scored by `config.sample.scorer` if given) in
+  WORKDIR/samples_report.json."""
   model = BD3LM.from_workdir(workdir, config)
   s = config.sample
+  scorer = generative.load_scorer(s.scorer) if s.scorer else None  # fails before sampling
   out = model.sample(s.num_samples, steps=s.steps, nucleus_p=s.nucleus_p, seed=s.seed, rule=s.rule)
   rows = sampling.rows(out, model.tokenizer.decode)
   if jax.process_index() == 0:
@@ -226,4 +229,6 @@ def sample_workdir(config, workdir: str) -> list[dict]:
     with (epath.Path(workdir) / "samples.jsonl").open("w") as f:
       for row in rows:
         f.write(json.dumps(row) + "\n")
+    summary = {"scorer": s.scorer or None, **generative.report(rows, scorer)}
+    (epath.Path(workdir) / "samples_report.json").write_text(json.dumps(summary, indent=1))
   return rows

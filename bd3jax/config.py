@@ -57,6 +57,16 @@ def validate(config) -> None:
              f"noise.clip_min/clip_max [{n.clip_min}, {n.clip_max}]: no masked fraction k/{block} "
              f"of a block of {block} tokens lies in it, so resampling could never accept a block; "
              "widen the interval or set noise.resample=False")
+  _require(n.search_every >= 0, f"noise.search_every {n.search_every} must be >= 0 (0: no search)")
+  if n.search_every:
+    _require(config.algo == "bd3lm" and not (n.clip_min >= 1.0 and n.clip_max >= 1.0),
+             "noise.search_every: the interval search needs a diffusion model (algo 'bd3lm' "
+             "without full masking); set noise.search_every=0")
+    _require(n.search_batches >= 1 and n.search_chunk >= 1,
+             f"noise.search_batches {n.search_batches} and noise.search_chunk {n.search_chunk} "
+             "must be at least 1")
+    _require(all(0.0 < w < 1.0 for w in n.search_widths),
+             f"noise.search_widths {tuple(n.search_widths)}: every width must lie in (0, 1)")
   t = config.train
   _require(t.batch_size >= 1 and t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
            f"train.grad_accum {t.grad_accum} must divide train.batch_size {t.batch_size}")

@@ -47,18 +47,21 @@ def subs_log_prob(logits_BLV, x0_BL, masked_BL, mask_id: int):
   return jnp.where(masked_BL, log_p_BL, 0.0)
 
 
-def forward_process(key, x0_BL, cfg: LossConfig, train: bool = True):
-  """Draw t per block and mask x_0. Returns (x_t, masked, move chance and weight per token)."""
+def forward_process(key, x0_BL, cfg: LossConfig, interval=None):
+  """Draw t per block and mask x_0. Returns (x_t, masked, move chance and weight per token).
+
+  `interval`: a float [2] array (clip_min, clip_max) used instead of cfg's, e.g. the train
+  state's tuned interval (ignored under full masking).
+  """
   batch = x0_BL.shape[0]
   key_t, key_mask = jax.random.split(key)
+  lo, hi = (cfg.clip_min, cfg.clip_max) if interval is None else (interval[0], interval[1])
   if cfg.full_masking:
     t_BN = jnp.ones((batch, cfg.n_blocks))
   else:
-    t_BN = schedules.sample_t(key_t, batch, cfg.n_blocks, cfg.clip_min, cfg.clip_max,
-                              cfg.antithetic)
+    t_BN = schedules.sample_t(key_t, batch, cfg.n_blocks, lo, hi, cfg.antithetic)
   p_BN, w_BN = schedules.move_chance_and_weight(t_BN, cfg.schedule)
-  masked_BL = schedules.sample_masked(key_mask, p_BN, cfg.block_size, cfg.clip_min,
-                                      cfg.clip_max, resample=cfg.resample and train)
+  masked_BL = schedules.sample_masked(key_mask, p_BN, cfg.block_size, lo, hi, resample=cfg.resample)
   xt_BL = jnp.where(masked_BL, cfg.mask_id, x0_BL)
   per_token = lambda a_BN: jnp.repeat(a_BN, cfg.block_size, axis=1)
   return xt_BL, masked_BL, per_token(p_BN), per_token(w_BN)
@@ -73,10 +76,11 @@ def diffusion_logits(apply_fn: Callable, xt_BL, x0_BL, sigma_B, cfg: LossConfig,
                   AttentionMask(MaskKind.TRAINING, cfg.length, cfg.block_size), **kwargs)
 
 
-def nelbo(apply_fn: Callable, x0_BL, key, cfg: LossConfig, train: bool = True):
+def nelbo(apply_fn: Callable, x0_BL, key, cfg: LossConfig, train: bool = True, interval=None):
   """The loss and its per-token and per-block parts.
 
-  `apply_fn(tokens, sigma, mask, **kwargs) -> logits` runs the network. Returns
+  `apply_fn(tokens, sigma, mask, **kwargs) -> logits` runs the network (`train`: dropout on);
+  `interval` as in `forward_process`. Returns
   (loss, aux) with aux["token_loss"] [B, L] and aux["block_nelbo"] [B, n_blocks] (the
   loss averaged within each block, whose variance the clipped-schedule search minimises).
   """
@@ -89,7 +93,7 @@ def nelbo(apply_fn: Callable, x0_BL, key, cfg: LossConfig, train: bool = True):
     token_loss_BL = jnp.pad(nll_BL, ((0, 0), (1, 0)))  # position 0 (BOS) is not predicted
     loss = nll_BL.mean()
   else:
-    xt_BL, masked_BL, p_BL, w_BL = forward_process(key, x0_BL, cfg, train)
+    xt_BL, masked_BL, p_BL, w_BL = forward_process(key, x0_BL, cfg, interval)
     sigma_B = -jnp.log1p(-jnp.minimum(p_BL[:, 0], 1.0 - 1e-6))
     logits_BLV = diffusion_logits(apply_fn, xt_BL, x0_BL, sigma_B, cfg, **kwargs)
     token_loss_BL = -w_BL * subs_log_prob(logits_BLV, x0_BL, masked_BL, cfg.mask_id)

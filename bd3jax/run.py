@@ -10,15 +10,16 @@ import jax
 import numpy as np
 from absl import logging
 
-from bd3jax import checkpoint, evaluate, flops, metrics, parallel, train
+from bd3jax import checkpoint, clip_search, evaluate, flops, metrics, parallel, train
 from bd3jax import config as config_lib
 from bd3jax.data import build_data, eval_batches, make_train_iterator
 
 
-def _valid_batches(config, data):
-  """The first `train.eval_batches` held-out batches, in order."""
+def _valid_batches(config, data, n_batches: int | None = None):
+  """The first `n_batches` (default `train.eval_batches`) held-out batches, in order."""
   batch_size = min(config.train.batch_size, len(data.valid_tokens_NL))
-  return itertools.islice(eval_batches(data.valid_tokens_NL, batch_size), config.train.eval_batches)
+  n_batches = config.train.eval_batches if n_batches is None else n_batches
+  return itertools.islice(eval_batches(data.valid_tokens_NL, batch_size), n_batches)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,13 +88,26 @@ def setup(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Setup:
   return Setup(task, data, train_iter, state, int(step or 0), mesh, batch_sharding)
 
 
+def _valid_batch_sharding(s: Setup, config):
+  batch_size = min(config.train.batch_size, len(s.data.valid_tokens_NL))
+  return parallel.batch_sharding(s.mesh, (batch_size, config.length))
+
+
 def _eval_step_fn(s: Setup, config):
   """`eval(params, x0_BL, key)` over the mesh, for the host batches of `_valid_batches`."""
-  batch_size = min(config.train.batch_size, len(s.data.valid_tokens_NL))
-  sharding = parallel.batch_sharding(s.mesh, (batch_size, config.length))
+  sharding = _valid_batch_sharding(s, config)
   step = train.jit_eval_step(evaluate.eval_task(s.task),
                              parallel.shardings(s.state.ema_params), sharding)
   return lambda params, x0_BL, key: step(params, parallel.host_to_global(x0_BL, sharding), key)
+
+
+def _search_step_fn(s: Setup, config):
+  """`clip_search.jit_search_step` over the mesh, for the host batches of `_valid_batches`."""
+  sharding = _valid_batch_sharding(s, config)
+  step = clip_search.jit_search_step(s.task, config.noise.search_chunk,
+                                     parallel.shardings(s.state.ema_params), sharding)
+  return lambda params, x0_BL, key, intervals: step(
+      params, parallel.host_to_global(x0_BL, sharding), key, intervals)
 
 
 @contextlib.contextmanager
@@ -147,6 +161,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   task, state, tok = s.task, s.state, s.data.tokenizer
   step_fn = train.jit_train_step(task, parallel.shardings(state), s.batch_sharding)
   eval_step = _eval_step_fn(s, config)
+  n = config.noise
+  if n.search_every:
+    search_step = _search_step_fn(s, config)
+    grid_I2 = clip_search.interval_grid(config.block_size, n.search_widths)
   lr_at = train.learning_rate_schedule(config)
   tokens_per_step = t.batch_size * config.length
   flops_per_step = flops.train_flops_per_sequence(task.model.cfg, task.loss_cfg) * t.batch_size
@@ -158,11 +176,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def run_eval(step):
     result = evaluate.evaluate(eval_step, state.ema_params, _valid_batches(config, s.data),
-                               seed=config.seed)
+                               seed=config.seed, draws=config.train.eval_draws)
     writer.write(step, {f"eval/{k}": v for k, v in result.items()})
     _log0("step %d: held-out NELBO %.4f, perplexity %.2f", step, result["nelbo"], result["ppl"])
     last_eval.update(result, step=step)
     return result
+
+  def tune_noise(step):
+    """Moves training to the interval whose block NELBO varies least (clip_search)."""
+    nonlocal state
+    current = np.asarray(jax.device_get(state.noise_interval), np.float32)
+    intervals_I2 = np.concatenate([current[None], grid_I2])
+    var_I = clip_search.block_nelbo_variance(
+        search_step, state.ema_params, _valid_batches(config, s.data, n.search_batches),
+        intervals_I2, seed=config.seed)
+    best = 1 + int(np.argmin(var_I[1:]))
+    if var_I[best] < var_I[0]:
+      state = state.replace(noise_interval=jax.device_put(intervals_I2[best],
+                                                          state.noise_interval.sharding))
+    else:
+      best = 0
+    lo, hi = (float(v) for v in intervals_I2[best])
+    writer.write(step, {"noise/clip_min": lo, "noise/clip_max": hi,
+                        "noise/block_nelbo_var": float(var_I[best]),
+                        "noise/block_nelbo_var_before": float(var_I[0])})
+    _log0("step %d: noise interval U[%.3g, %.3g] (block NELBO variance %.4g; was %.4g under "
+          "U[%.3g, %.3g])", step, lo, hi, var_I[best], var_I[0], *current)
 
   def save(step):
     nonlocal last_good
@@ -203,6 +242,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             bar.update(1)
           if step % t.log_every == 0:
             write_window(step, window.flush(step - len(window.pending)))
+          if n.search_every and step % n.search_every == 0:
+            tune_noise(step)
           if step % t.eval_every == 0:
             run_eval(step)
           if step % t.checkpoint_every == 0 or step == t.num_steps or preempted[0]:
@@ -235,5 +276,6 @@ def evaluate_workdir(config, workdir: str) -> dict:
     ckpt.close()
   with jax.set_mesh(s.mesh):
     result = evaluate.evaluate(_eval_step_fn(s, config), s.state.ema_params,
-                               _valid_batches(config, s.data), seed=config.seed)
+                               _valid_batches(config, s.data), seed=config.seed,
+                               draws=config.train.eval_draws)
   return {"step": s.start_step, **result}

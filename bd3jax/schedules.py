@@ -68,19 +68,20 @@ def sample_t(key, batch: int, n_blocks: int, clip_min: float, clip_max: float,
   return clip_min + (clip_max - clip_min) * u_BN
 
 
-def valid_masked_counts(block_size: int, clip_min: float, clip_max: float):
-  """Static boolean [block_size + 1]: which numbers of masked tokens per block resampling accepts.
+def valid_masked_counts(block_size: int, clip_min, clip_max):
+  """Boolean [block_size + 1]: which numbers of masked tokens per block resampling accepts.
 
   As in the reference, the lower bound is enforced only when clip_min > 1e-3 and the upper
-  bound only when clip_max < 1. All True means resampling never redraws anything.
+  bound only when clip_max < 1. All True means resampling never redraws anything. NumPy
+  (static) for Python floats, a jax array for array bounds (e.g. traced, or vmapped over a grid);
+  both compare in float32.
   """
-  frac = np.arange(block_size + 1) / block_size
-  ok = np.ones(block_size + 1, bool)
-  if clip_min > NO_LOWER_CLIP:
-    ok &= frac >= clip_min
-  if clip_max < 1.0:
-    ok &= frac <= clip_max
-  return ok
+  xp = jnp if isinstance(clip_min, jax.Array) or isinstance(clip_max, jax.Array) else np
+  f32 = lambda x: xp.asarray(x, xp.float32)  # both paths compare in float32, so they agree
+  lo, hi = f32(clip_min), f32(clip_max)
+  frac = f32(xp.arange(block_size + 1)) / f32(block_size)
+  return (xp.where(lo > f32(NO_LOWER_CLIP), frac >= lo, True) &
+          xp.where(hi < f32(1.0), frac <= hi, True))
 
 
 def has_valid_masked_count(block_size: int, clip_min: float, clip_max: float) -> bool:
@@ -94,8 +95,7 @@ def _binomial_log_pmf(n: int, p_BN):
   return log_choose + jax.scipy.special.xlogy(k, p) + jax.scipy.special.xlog1py(n - k, -p)
 
 
-def sample_masked(key, p_BN, block_size: int, clip_min: float = 0.0, clip_max: float = 1.0,
-                  resample: bool = False):
+def sample_masked(key, p_BN, block_size: int, clip_min=0.0, clip_max=1.0, resample: bool = False):
   """Which tokens to mask, [B, N * block_size] bool; token i of block b masked w.p. p_BN[:, b].
 
   Without resampling each token is an independent Bernoulli(p). With resampling, the
@@ -104,15 +104,18 @@ def sample_masked(key, p_BN, block_size: int, clip_min: float = 0.0, clip_max: f
   valid, i.e. K ~ Binomial(L', p) truncated to the valid counts, then a uniformly random
   subset of K positions (the i.i.d. draw is exchangeable). We sample exactly that: K from
   the truncated binomial pmf, positions from the ranks of uniform noise; no loop, so it jits.
+  The bounds may be arrays (traced): the result equals the one for the same Python floats.
   """
   batch, n_blocks = p_BN.shape
   ok_K = valid_masked_counts(block_size, clip_min, clip_max)
   key_count, key_pos = jax.random.split(key)
-  if not resample or bool(ok_K.all()):
-    u_BNL = jax.random.uniform(key_pos, (batch, n_blocks, block_size))
-    return (u_BNL < p_BN[..., None]).reshape(batch, -1)
+  u_BNL = jax.random.uniform(key_pos, (batch, n_blocks, block_size))
+  iid_BL = (u_BNL < p_BN[..., None]).reshape(batch, -1)
+  static = isinstance(ok_K, np.ndarray)
+  if not resample or (static and ok_K.all()):
+    return iid_BL
   log_pmf_BNK = jnp.where(ok_K, _binomial_log_pmf(block_size, p_BN), -jnp.inf)
   count_BN = jax.random.categorical(key_count, log_pmf_BNK)
-  noise_BNL = jax.random.uniform(key_pos, (batch, n_blocks, block_size))
-  rank_BNL = jnp.argsort(jnp.argsort(noise_BNL, axis=-1), axis=-1)
-  return (rank_BNL < count_BN[..., None]).reshape(batch, -1)
+  rank_BNL = jnp.argsort(jnp.argsort(u_BNL, axis=-1), axis=-1)
+  resampled_BL = (rank_BNL < count_BN[..., None]).reshape(batch, -1)
+  return resampled_BL if static else jnp.where(ok_K.all(), iid_BL, resampled_BL)

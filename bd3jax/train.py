@@ -23,6 +23,7 @@ class TrainState:
   params: Any
   opt_state: Any
   ema_params: Any
+  noise_interval: jax.Array   # float32 [2]: the (clip_min, clip_max) training draws t from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +92,11 @@ def learning_rate_schedule(config):
 
 
 def init_state(task: Task, params) -> TrainState:
+  cfg = task.loss_cfg
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=task.optimizer.init(params),
-                    ema_params=jax.tree.map(jnp.copy, params))
+                    ema_params=jax.tree.map(jnp.copy, params),
+                    noise_interval=jnp.array([cfg.clip_min, cfg.clip_max], jnp.float32))
 
 
 def ema_decay_at(decay: float, num_updates):
@@ -107,10 +110,11 @@ def step_key(seed: int, step):
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def _loss_and_grads(task: Task, params, x0_BL, key):
+def _loss_and_grads(task: Task, params, x0_BL, key, interval):
   k_noise, k_dropout = jax.random.split(key)
   def loss_fn(p):
-    return diffusion.nelbo(task.apply_fn(p, k_dropout), x0_BL, k_noise, task.loss_cfg, train=True)
+    return diffusion.nelbo(task.apply_fn(p, k_dropout), x0_BL, k_noise, task.loss_cfg, train=True,
+                           interval=interval)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   if task.param_sharding is not None:   # FSDP: reduce-scatter, not all-reduce
     grads = jax.lax.with_sharding_constraint(grads, task.param_sharding)
@@ -126,15 +130,16 @@ def train_step(task: Task, state: TrainState, batch):
   x0_BL = batch["tokens"]
   key = step_key(task.seed, state.step)
   if task.grad_accum == 1:
-    loss, block_nelbo_N, grads = _loss_and_grads(task, state.params, x0_BL, key)
+    loss, block_nelbo_N, grads = _loss_and_grads(task, state.params, x0_BL, key,
+                                                 state.noise_interval)
   else:
     micro_MBL = x0_BL.reshape(-1, task.grad_accum, x0_BL.shape[-1]).swapaxes(0, 1)
     keys = jax.random.split(key, task.grad_accum)
     def accumulate(carry, xs):
-      out = _loss_and_grads(task, state.params, *xs)
+      out = _loss_and_grads(task, state.params, *xs, state.noise_interval)
       return jax.tree.map(jnp.add, carry, out), None
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: _loss_and_grads(task, state.params, micro_MBL[0], keys[0])))
+        lambda: _loss_and_grads(task, state.params, micro_MBL[0], keys[0], state.noise_interval)))
     total, _ = jax.lax.scan(accumulate, zeros, (micro_MBL, keys))
     loss, block_nelbo_N, grads = jax.tree.map(lambda a: a / task.grad_accum, total)
   updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
@@ -146,7 +151,7 @@ def train_step(task: Task, state: TrainState, batch):
   else:
     ema_params = params
   metrics = {"loss": loss, "block_nelbo": block_nelbo_N, "grad_norm": optax.tree.norm(grads)}
-  return TrainState(num_updates, params, opt_state, ema_params), metrics
+  return TrainState(num_updates, params, opt_state, ema_params, state.noise_interval), metrics
 
 
 def eval_step(task: Task, params, x0_BL, key):

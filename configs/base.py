@@ -44,6 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
       clip_max=1.0,          # omega: upper end
       resample=True,         # redraw blocks whose realised mask fraction is outside [beta, omega]
       antithetic=True,       # low-discrepancy t across (batch, block)
+      # Data-driven interval (bd3jax.clip_search): every search_every steps (0: never), move
+      # training to the interval of the grid whose held-out per-block NELBO varies least.
+      search_every=0,
+      search_batches=16,     # held-out batches the variances are measured on
+      search_widths=(0.5, 0.6, 0.7, 0.8, 0.9),  # grid: these widths at starts 0, 0.05, ...
+      search_chunk=6,        # intervals evaluated at once (vmapped); lower it to save memory
   ))
 
   config.data = ml_collections.ConfigDict(dict(
@@ -87,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
       log_every=100,
       eval_every=5000,
       eval_batches=16,
+      eval_draws=1,          # Monte-Carlo NELBO estimates per held-out sequence (> 1: a standard error)
       checkpoint_every=5000,
       keep_checkpoints=3,
   ))
@@ -107,5 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
       nucleus_p=0.9,
       rule="ddpm",           # ddpm | first_hitting | threshold | entropy | topk
       seed=0,
+      # Generative perplexity of the samples (samples_report.json): the workdir of a bd3jax AR
+      # run, or hf:NAME_OR_PATH for a Hugging Face causal LM (e.g. hf:gpt2-large); empty: none.
+      scorer="",
   ))
   return config

@@ -12,6 +12,8 @@ def get_config():
   config.model.update(n_layers=4, d_model=128, n_heads=4, cond_dim=64, dtype="float32")
   config.noise.clip_min = 0.3
   config.noise.clip_max = 0.8
+  config.noise.search_every = 100   # re-tune the interval (bd3jax.clip_search) at each evaluation
+  config.noise.search_batches = 4
   config.data.source = "demo"
   config.data.vocab_size = 2048
   config.data.wrap = "bos_eos"

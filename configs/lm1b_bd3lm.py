@@ -23,4 +23,5 @@ def get_config():
                      tokenizer="bert", tokenizer_path="bert-base-uncased", wrap="bos_eos",
                      stream=True, num_workers=8)
   config.train.batch_size = 512
+  config.noise.search_every = config.train.eval_every  # re-tune the interval at each evaluation
   return config

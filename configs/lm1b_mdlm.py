@@ -8,4 +8,5 @@ def get_config():
   config.block_size = config.length
   config.noise.clip_min = 1e-3
   config.noise.clip_max = 1.0
+  config.noise.search_every = 0   # the interval search is for block diffusion
   return config

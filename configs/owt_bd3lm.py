@@ -25,4 +25,5 @@ def get_config():
                      valid_split="train[-100000:]", tokenizer="gpt2", tokenizer_path="gpt2",
                      wrap="eos", stream=True, num_workers=8)
   config.train.batch_size = 512
+  config.noise.search_every = config.train.eval_every  # re-tune the interval at each evaluation
   return config

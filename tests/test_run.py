@@ -154,4 +154,10 @@ def test_eval_mode_is_deterministic(tmp_path):
   run.train_and_evaluate(config, str(tmp_path))
   first = run.evaluate_workdir(config, str(tmp_path))
   second = run.evaluate_workdir(config, str(tmp_path))
+  assert first.pop("tokens_per_s") > 0 and second.pop("tokens_per_s") > 0
   assert first == second and first["step"] == 2 and np.isfinite(first["nelbo"])
+  assert first["nelbo_se"] == 0.0
+  config.train.eval_draws = 3
+  third = run.evaluate_workdir(config, str(tmp_path))
+  assert third["nelbo_se"] > 0 and third["tokens"] == first["tokens"]
+  assert abs(third["nelbo"] - first["nelbo"]) < 5 * third["nelbo_se"] * np.sqrt(3)
