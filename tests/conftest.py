@@ -3,10 +3,6 @@ import os
 # Faster XLA:CPU compiles for the many tiny programs the tests build (numerics unchanged).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
-from bd3jax import host  # noqa: E402
-
-host.keep_freed_memory()  # as main.py does: no page faults on XLA's reused temporaries
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
