@@ -2,6 +2,7 @@
 
   python benchmarks/sampler.py              # small model, L = 1024, L' = 16, batch 1 and 64, bf16
   python benchmarks/sampler.py --workdir=RUN  # a trained checkpoint (meaningful quality figures)
+  python benchmarks/sampler.py --workdir=RUN --scorer=AR_RUN  # + generative perplexity
   python benchmarks/sampler.py --config.model.n_layers=4 --config.model.d_model=256 \\
       --config.model.n_heads=4 --config.model.dtype=float32 --vocab_size=8192 \\
       --batch_sizes=1 --parallel_batch=4 --runs=1          # a CPU-sized run
@@ -19,7 +20,8 @@ Prints JSON lines. Conventions:
   passes, one per block, are included in the time, not counted as NFEs); ms_per_forward =
   time / batched network passes (denoising and commit).
 - "parallel": each rule setting of `--parallel` at batch `--parallel_batch`: nfes_per_token
-  (mean over sequences), tokens_per_s, unigram_entropy (mean over sequences, nats).
+  (mean over sequences), tokens_per_s, unigram_entropy (mean over sequences, nats), and with
+  `--scorer` (needs `--workdir`) gen_ppl: the samples' text scored by `bd3jax.generative`.
 - "flat_cost" (`--flat_cost`): per-block time of the cached sampler at batch 1, from host
   timestamps taken by the `on_block` callback (per block the minimum over max(`--runs`, 2)
   runs; first: median of blocks 1-8; last: median of the last 8; cached_ratio = last / first
@@ -48,7 +50,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from bd3jax import config as config_lib  # noqa: E402
-from bd3jax import sampling  # noqa: E402
+from bd3jax import generative, sampling  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
 from bd3jax.model import DiT  # noqa: E402
 
@@ -57,6 +59,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Config file (network, length, block_size); override fields with --config.KEY=VALUE.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "", "Sample a trained checkpoint of this workdir.")
+_SCORER = flags.DEFINE_string("scorer", "", "With --workdir: score the parallel rules' samples "
+                              "with this AR run's workdir or hf:NAME (generative perplexity).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 50258, "Vocabulary size with random weights.")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes of the speed runs.")
 _PARALLEL = flags.DEFINE_list(
@@ -92,7 +96,8 @@ def workdir_model(workdir: str, config):
   from bd3jax.api import BD3LM
   lm = BD3LM.from_workdir(workdir)
   config.length, config.block_size = lm.length, lm.block_size
-  return DiT(lm.model_cfg), lm.params, {"bos_id": lm.ids.bos_id, "mask_id": lm.ids.mask_id}
+  return (DiT(lm.model_cfg), lm.params, {"bos_id": lm.ids.bos_id, "mask_id": lm.ids.mask_id},
+          lm.tokenizer)
 
 
 def timed(fn, runs: int):
@@ -115,7 +120,8 @@ def sampler_cfg(config, **kwargs):
       nucleus_p=_NUCLEUS.value, autoregressive=config.algo == "ar", stop_entropy=0.0, **kwargs)
 
 
-def run_sampler(model, params, ids, cfg, batch: int, runs: int):
+def run_sampler(model, params, ids, cfg, batch: int, runs: int, quality=None):
+  """Timings and NFEs of `batch` samples; `quality(output) -> dict` adds quality figures."""
   key = jax.random.key(_SEED.value)
   generate = lambda: sampling.generate(model, params, key, cfg, num_samples=batch, **ids)
   first_call_s, seconds, out = timed(generate, runs)
@@ -125,7 +131,13 @@ def run_sampler(model, params, ids, cfg, batch: int, runs: int):
           "tokens_per_s": generated / seconds, "nfes_per_sequence": nfes,
           "nfes_per_token": nfes / (cfg.length - 1), "ms_per_nfe": 1e3 * seconds / nfes,
           "forwards": int(out.forwards), "ms_per_forward": 1e3 * seconds / int(out.forwards),
-          "unigram_entropy": float(np.mean(out.entropy_B))}
+          "unigram_entropy": float(np.mean(out.entropy_B)), **(quality(out) if quality else {})}
+
+
+def generative_perplexity(tokenizer, scorer):
+  def quality(out) -> dict:
+    return {"gen_ppl": generative.report(sampling.rows(out, tokenizer.decode), scorer)["gen_ppl"]}
+  return quality
 
 
 def parallel_setting(text: str) -> dict:
@@ -182,8 +194,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config, runs = _CONFIG.value, _RUNS.value
+  if _SCORER.value and not _WORKDIR.value:
+    raise app.UsageError("--scorer needs --workdir: random weights have no tokenizer")
+  quality = None
   if _WORKDIR.value:
-    model, params, ids = workdir_model(_WORKDIR.value, config)
+    model, params, ids, tokenizer = workdir_model(_WORKDIR.value, config)
+    if _SCORER.value:
+      quality = generative_perplexity(tokenizer, generative.load_scorer(_SCORER.value))
   else:
     model, params, ids = random_model(config, _VOCAB.value, _NOISE.value, _SEED.value)
   m = model.cfg
@@ -197,7 +214,7 @@ def main(argv):
   for text in _PARALLEL.value:
     setting = parallel_setting(text)
     result = run_sampler(model, params, ids, sampler_cfg(config, **setting), _PARALLEL_BATCH.value,
-                         runs)
+                         runs, quality)
     common.emit({"kind": "parallel", **base, "setting": text, **result})
   if _FLAT.value:
     common.emit({"kind": "flat_cost", **base, **flat_cost(model, params, ids, config, runs)})

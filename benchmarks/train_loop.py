@@ -18,8 +18,10 @@ line with both and their ratio. Conventions:
   tokenizer, init), the final checkpoint and the final evaluation lie outside it.
   `window_steps_per_s` lists the loop's own `train/steps_per_s` (metrics.jsonl) for every
   window, the first included.
-- mid-run evaluation is not loop overhead and brings a one-time compile, so by default it is
-  moved past the last step (`--keep_eval` keeps the config's eval_every; its time then counts).
+- mid-run evaluation and the noise-interval search (`noise.search_every`, a held-out
+  measurement like evaluation) are not loop overhead and each brings a one-time compile, so by
+  default both are moved past the last step (`--keep_eval` keeps the config's eval_every and
+  search_every; their time then counts).
 - bare step: `train.jit_train_step` of the same task, with the loop's mesh and shardings, on
   the restored state and one batch of the same iterator, already on device; first call =
   compile, `--warmup` calls in all, then the median of `--bare_steps` calls, each ended by
@@ -56,7 +58,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(common.ROOT, "configs", "demo.py"),
     "Config file; override fields with --config.KEY=VALUE.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 120, "Steps of the full loop (sets config.train.num_steps).")
-_KEEP_EVAL = flags.DEFINE_bool("keep_eval", False, "Keep the config's mid-run evaluations.")
+_KEEP_EVAL = flags.DEFINE_bool("keep_eval", False, "Keep the config's mid-run evaluations and "
+                                "noise-interval searches.")
 _BARE_STEPS = flags.DEFINE_integer("bare_steps", 20, "Timed calls of the bare step.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed bare calls, the compiling one included.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the loop (default: a temporary "
@@ -112,6 +115,8 @@ def main(argv):
   t.num_steps = steps
   if not _KEEP_EVAL.value:
     t.eval_every = steps + 1
+    if config.noise.search_every:
+      config.noise.search_every = steps + 1
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bd3jax_train_loop_")
   load_before = os.getloadavg()[0]
   try:
@@ -143,6 +148,7 @@ def main(argv):
       "measured_steps": n, "measured_s": wall1 - wall0,
       "checkpoints_measured": in_span(t.checkpoint_every),
       "evals_measured": in_span(t.eval_every),
+      "searches_measured": in_span(config.noise.search_every) if config.noise.search_every else 0,
       "window_steps_per_s": windows,
       "loop_steps_per_s": loop_sps,
       "bare_compile_s": bare["compile_s"],

@@ -47,7 +47,8 @@ def wait_for_step(workdir, step, proc, *, checkpointed=False, timeout=300):
 
 def test_killed_run_resumes_bit_identically(tmp_path):
   full, killed = tmp_path / "full", tmp_path / "killed"
-  a = main_py(full, "--config.train.num_steps=16")
+  search = "--config.noise.search_every=8"  # the resume crosses a noise-interval search
+  a = main_py(full, "--config.train.num_steps=16", search)
   out, _ = a.communicate(timeout=600)
   assert a.returncode == 0, out
   assert "perplexity" in out and "samples written to" in out
@@ -56,14 +57,15 @@ def test_killed_run_resumes_bit_identically(tmp_path):
   assert all(1 <= row["length"] <= 32 and row["tokens"][0] == 2 for row in samples)  # BOS first
   reference = losses(full)
   assert sorted(reference) == list(range(1, 17))
+  assert list(metrics.read_scalars(full, "noise/clip_min")) == [8, 16]
 
-  b = main_py(killed, "--config.train.num_steps=100000")
+  b = main_py(killed, "--config.train.num_steps=100000", search)
   wait_for_step(killed, 6, b, checkpointed=True)
   b.kill()
   b.wait()
   resumed_from = checkpoint.Checkpointer(str(killed)).latest_step
   assert resumed_from is not None and 4 <= resumed_from < 16
-  c = main_py(killed, "--config.train.num_steps=16")
+  c = main_py(killed, "--config.train.num_steps=16", search)
   out, _ = c.communicate(timeout=600)
   assert c.returncode == 0, out
   assert f"resumed from the checkpoint of step {resumed_from}" in out

@@ -12,5 +12,5 @@ def get_config():
   t = config.train
   t.update(batch_size=4, num_steps=8, warmup_steps=2, log_every=1, eval_every=4,
            eval_batches=2, checkpoint_every=4, keep_checkpoints=10)
-  config.noise.update(search_every=8, search_batches=2)
+  config.noise.update(search_every=0, search_batches=2, search_widths=(0.8, 0.9))  # 9 intervals
   return config
