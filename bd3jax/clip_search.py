@@ -48,7 +48,7 @@ def jit_search_step(task: train.Task, chunk: int, params_sharding=None, batch_sh
     return jax.lax.map(one, intervals_I2, batch_size=chunk)
   if params_sharding is None:
     return jax.jit(step)
-  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  replicated = train.replicated_like(batch_sharding)
   return jax.jit(step, in_shardings=(params_sharding, batch_sharding, replicated, replicated),
                  out_shardings=replicated)
 

@@ -15,7 +15,7 @@ from bd3jax import config as config_lib
 from bd3jax.data import build_data, eval_batches, make_train_iterator
 
 
-def _valid_batches(config, data, n_batches: int | None = None):
+def valid_batches(config, data, n_batches: int | None = None):
   """The first `n_batches` (default `train.eval_batches`) held-out batches, in order."""
   batch_size = min(config.train.batch_size, len(data.valid_tokens_NL))
   n_batches = config.train.eval_batches if n_batches is None else n_batches
@@ -94,7 +94,7 @@ def _valid_batch_sharding(s: Setup, config):
 
 
 def _eval_step_fn(s: Setup, config):
-  """`eval(params, x0_BL, key)` over the mesh, for the host batches of `_valid_batches`."""
+  """`eval(params, x0_BL, key)` over the mesh, for the host batches of `valid_batches`."""
   sharding = _valid_batch_sharding(s, config)
   step = train.jit_eval_step(evaluate.eval_task(s.task),
                              parallel.shardings(s.state.ema_params), sharding)
@@ -102,7 +102,7 @@ def _eval_step_fn(s: Setup, config):
 
 
 def _search_step_fn(s: Setup, config):
-  """`clip_search.jit_search_step` over the mesh, for the host batches of `_valid_batches`."""
+  """`clip_search.jit_search_step` over the mesh, for the host batches of `valid_batches`."""
   sharding = _valid_batch_sharding(s, config)
   step = clip_search.jit_search_step(s.task, config.noise.search_chunk,
                                      parallel.shardings(s.state.ema_params), sharding)
@@ -175,7 +175,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   last_eval = {}
 
   def run_eval(step):
-    result = evaluate.evaluate(eval_step, state.ema_params, _valid_batches(config, s.data),
+    result = evaluate.evaluate(eval_step, state.ema_params, valid_batches(config, s.data),
                                seed=config.seed, draws=config.train.eval_draws)
     writer.write(step, {f"eval/{k}": v for k, v in result.items()})
     _log0("step %d: held-out NELBO %.4f, perplexity %.2f", step, result["nelbo"], result["ppl"])
@@ -188,7 +188,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     current = np.asarray(jax.device_get(state.noise_interval), np.float32)
     intervals_I2 = np.concatenate([current[None], grid_I2])
     var_I = clip_search.block_nelbo_variance(
-        search_step, state.ema_params, _valid_batches(config, s.data, n.search_batches),
+        search_step, state.ema_params, valid_batches(config, s.data, n.search_batches),
         intervals_I2, seed=config.seed)
     best = 1 + int(np.argmin(var_I[1:]))
     if var_I[best] < var_I[0]:
@@ -276,6 +276,6 @@ def evaluate_workdir(config, workdir: str) -> dict:
     ckpt.close()
   with jax.set_mesh(s.mesh):
     result = evaluate.evaluate(_eval_step_fn(s, config), s.state.ema_params,
-                               _valid_batches(config, s.data), seed=config.seed,
+                               valid_batches(config, s.data), seed=config.seed,
                                draws=config.train.eval_draws)
   return {"step": s.start_step, **result}

@@ -160,7 +160,8 @@ def eval_step(task: Task, params, x0_BL, key):
   return aux["token_loss"], aux["block_nelbo"]
 
 
-def _replicated_like(sharding):
+def replicated_like(sharding):
+  """A replicated NamedSharding on `sharding`'s mesh (None for None)."""
   return None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
 
 
@@ -174,7 +175,7 @@ def jit_train_step(task: Task, state_sharding=None, batch_sharding=None):
   if state_sharding is None:
     return jax.jit(fn, donate_argnums=(0,))
   return jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, _replicated_like(batch_sharding)),
+                 out_shardings=(state_sharding, replicated_like(batch_sharding)),
                  donate_argnums=(0,))
 
 
@@ -183,6 +184,6 @@ def jit_eval_step(task: Task, params_sharding=None, batch_sharding=None):
   fn = lambda params, x0, key: eval_step(task, params, x0, key)
   if params_sharding is None:
     return jax.jit(fn)
-  replicated = _replicated_like(batch_sharding)
+  replicated = replicated_like(batch_sharding)
   return jax.jit(fn, in_shardings=(params_sharding, batch_sharding, replicated),
                  out_shardings=replicated)

@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from bd3jax import checkpoint, clip_search, metrics, run  # noqa: E402
+from bd3jax import checkpoint, clip_search, evaluate, metrics, run  # noqa: E402
 from configs import demo  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,9 +67,9 @@ def estimator_variance(config, workdir: str) -> dict:
   finally:
     ckpt.close()
   interval = np.asarray(jax.device_get(s.state.noise_interval), np.float32)
-  intervals = np.stack([interval, np.array([1e-3, 1.0], np.float32)])
+  intervals = np.stack([interval, np.array(evaluate.EVAL_CLIP, np.float32)])
   step = clip_search.jit_search_step(s.task, chunk=2)
-  batches = run._valid_batches(config, s.data)
+  batches = run.valid_batches(config, s.data)
   var = clip_search.block_nelbo_variance(step, s.state.ema_params, batches, intervals,
                                          seed=config.seed)
   return {"interval": interval.tolist(), "var_train_interval": float(var[0]),

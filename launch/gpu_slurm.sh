@@ -49,18 +49,8 @@ main_flags=("$@")
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 [[ -f "$repo/main.py" ]] || repo="$PWD"   # a batch job runs a spool copy, from sbatch --chdir
 
-quote() {  # the arguments as one shell line, quoting only those that need it
-  local arg line=""
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[][A-Za-z0-9_./=:,@%+-]+$ ]]; then line+="$arg "; else line+="${arg@Q} "; fi
-  done
-  echo "${line% }"
-}
-
-run() {  # prints the command; runs it unless --dry-run
-  quote "$@"
-  if [[ $dry_run -eq 0 ]]; then "$@"; fi
-}
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$repo/launch/common.sh"
 
 if [[ -n "${SLURM_JOB_ID:-}" || $dry_run -eq 1 ]]; then
   [[ -n "${SLURM_JOB_ID:-}" ]] || echo "# inside the allocation the job runs:"

@@ -63,18 +63,8 @@ gcloud_flags=(--zone="$zone")
 tarball="/tmp/bd3jax-$name.tar.gz"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 
-quote() {  # the arguments as one shell line, quoting only those that need it
-  local arg line=""
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[][A-Za-z0-9_./=:,@%+-]+$ ]]; then line+="$arg "; else line+="${arg@Q} "; fi
-  done
-  echo "${line% }"
-}
-
-run() {  # prints the command; runs it unless --dry-run
-  quote "$@"
-  if [[ $dry_run -eq 0 ]]; then "$@"; fi
-}
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$repo/launch/common.sh"
 
 create() {
   local spot_flag=()
