@@ -1,13 +1,13 @@
-"""Scale-out: the device mesh, logical-axis rules, shardings and multi-host start-up.
+"""Scale-out: the device mesh, shardings and multi-host start-up.
 
 Mesh axes (`config.mesh`):
 - `data`: data parallelism, parameters replicated;
 - `fsdp`: data parallelism with parameters, gradients and optimiser state sharded (ZeRO-3);
 - `tensor`: Megatron-style tensor parallelism over attention heads, MLP units and vocabulary.
 The batch is split over data x fsdp. Every parameter carries logical axis names (see
-`Task.param_axes`); `LOGICAL_RULES` maps them onto the mesh. The state is created directly in
-its shards (`jax.jit(init, out_shardings=...)`), so no device ever holds the whole model; for
-the forward and backward passes the weights are gathered over `fsdp` (`shard_task`).
+`Task.param_axes`); `logical_axes.LOGICAL_RULES` maps them onto the mesh. The state is created
+directly in its shards (`jax.jit(init, out_shardings=...)`), so no device ever holds the whole
+model; for the forward and backward passes the weights are gathered over `fsdp` (`shard_task`).
 """
 
 import dataclasses
@@ -22,23 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bd3jax import train
 from bd3jax.config import ConfigError
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# (logical name, mesh axes) in order of precedence, as in flax's logical-axis rules: each array
-# dimension takes the first rule for its name whose mesh axes (those larger than 1) are not used
-# by another dimension of the array and whose product divides the dimension; dimensions that no
-# rule fits are replicated (e.g. a 50258-entry vocabulary on 4 tensor shards).
-LOGICAL_RULES = (
-    ("batch", ("data", "fsdp")),
-    # Tensor parallelism first: it decides which weight dimension is split across `tensor`.
-    ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"), ("modulation", "tensor"),
-    # FSDP on the model dimension; `tensor` too where no other dimension took it (norms, biases).
-    ("embed", ("fsdp", "tensor")), ("embed", "fsdp"),
-    ("timestep", "fsdp"), ("cond", "fsdp"), ("cond_in", "fsdp"),
-    # Weights without a model dimension (biases) are still sharded under pure FSDP.
-    ("mlp", "fsdp"), ("vocab", "fsdp"), ("modulation", "fsdp"), ("heads", "fsdp"),
-)
+from bd3jax.logical_axes import MESH_AXES, logical_to_mesh_spec
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -91,23 +75,6 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   ici = tuple(size // n for size, n in zip(shape, dcn))
   return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), MESH_AXES,
               axis_types=axis_types)
-
-
-def logical_to_mesh_spec(names, shape, axis_sizes, rules=LOGICAL_RULES) -> P:
-  """The PartitionSpec of an array with logical axis `names` and `shape` (see LOGICAL_RULES)."""
-  spec, used = [None] * len(names), set()
-  for name, axes in rules:
-    axes = (axes,) if isinstance(axes, str) else axes
-    axes = tuple(a for a in axes if axis_sizes.get(a, 1) > 1)
-    if not axes or used.intersection(axes):
-      continue
-    size = math.prod(axis_sizes[a] for a in axes)
-    for i, n in enumerate(names):
-      if n == name and spec[i] is None and shape[i] % size == 0:
-        spec[i] = axes[0] if len(axes) == 1 else axes
-        used.update(axes)
-        break
-  return P(*spec)
 
 
 def _state_logical_axes(task: train.Task, abstract_params):

@@ -17,13 +17,15 @@ Prints one JSON line per (implementation, pass). Conventions:
   calls in all before timing, then the median of `--steps` calls, each ended by
   `jax.block_until_ready`; `ms` is that median.
 - max_abs_err: of the fwd output against `dense` run in float32 on the same values, checked
-  after the fwd timing (bf16 rounding alone gives about 1e-2).
+  after the fwd timing (bf16 rounding alone gives about 1e-2); grad_rel_err (fwd_bwd): the
+  largest max|g - g_ref| / max|g_ref| over dq, dk and dv against the same float32 `dense`.
 - tflops_per_s: FLOPs of the visible (query, key) pairs only, 4 * B * H * nnz * K for fwd
   (two matmuls), 3.5 times that for fwd_bwd (the backward's five matmuls), over `ms`.
 - tile_fraction (pallas): share of the [2L/block_q, 2L/block_k] tiles that are computed.
 - an implementation that fails (e.g. cudnn on CPU, splash off TPU) prints its error instead.
 """
 
+import functools
 import os
 import sys
 
@@ -65,8 +67,9 @@ def main(argv):
   shape = (_BATCH.value, t, _HEADS.value, _HEAD_DIM.value)
   keys = jax.random.split(jax.random.key(_SEED.value), 4)
   q, k, v, do = (jax.random.normal(key, shape, jnp.float32).astype(_DTYPE.value) for key in keys)
-  reference = jax.jit(lambda q, k, v: attention(q, k, v, mask, "dense"))(
-      *(x.astype(jnp.float32) for x in (q, k, v)))
+  dense = lambda q, k, v: attention(q, k, v, mask, "dense")
+  reference = jax.jit(functools.partial(_value_and_grads, dense))(
+      *(x.astype(jnp.float32) for x in (q, k, v, do)))
   fwd_flops = 4 * _BATCH.value * _HEADS.value * int(mask.dense().sum()) * _HEAD_DIM.value
   shared = {"benchmark": "attention", "batch": _BATCH.value, "heads": _HEADS.value,
             "tokens": t, "head_dim": _HEAD_DIM.value, "block_size": _BLOCK_SIZE.value,
@@ -94,21 +97,27 @@ def _measure(impl, mask, inputs, reference, fwd_flops, record):
   else:
     attend = lambda q, k, v: attention(q, k, v, mask, impl)
 
-  def fwd_bwd(q, k, v, do):
-    o, vjp = jax.vjp(attend, q, k, v)
-    return o, vjp(do)
-
-  fwd, fwd_bwd = jax.jit(attend), jax.jit(fwd_bwd)
-  err = None
+  fwd, fwd_bwd = jax.jit(attend), jax.jit(functools.partial(_value_and_grads, attend))
+  o_ref, grads_ref = reference
+  errors = {}
   for name, fn, args, flops in (("fwd", fwd, (q, k, v), fwd_flops),
                                 ("fwd_bwd", fwd_bwd, (q, k, v, do), 3.5 * fwd_flops)):
     compile_s, times = common.time_calls(fn, *args, warmup=_WARMUP.value, steps=_STEPS.value)
-    if err is None:
-      err = float(jnp.abs(fwd(q, k, v).astype(jnp.float32) - reference).max())
+    if name == "fwd":
+      errors["max_abs_err"] = float(jnp.abs(fwd(q, k, v).astype(jnp.float32) - o_ref).max())
+    else:
+      errors["grad_rel_err"] = max(
+          float(jnp.abs(g.astype(jnp.float32) - g_ref).max() / jnp.abs(g_ref).max())
+          for g, g_ref in zip(fwd_bwd(q, k, v, do)[1], grads_ref))
     seconds = common.median(times)
     common.emit({**record, "pass": name, "ms": 1e3 * seconds, "min_ms": 1e3 * min(times),
-                 "compile_s": compile_s, "tflops_per_s": flops / seconds / 1e12,
-                 "max_abs_err": err})
+                 "compile_s": compile_s, "tflops_per_s": flops / seconds / 1e12, **errors})
+
+
+def _value_and_grads(attend, q, k, v, do):
+  """The output and (dq, dk, dv) of sum(attend(q, k, v) * do)."""
+  o, vjp = jax.vjp(attend, q, k, v)
+  return o, vjp(do)
 
 
 if __name__ == "__main__":

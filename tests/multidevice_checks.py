@@ -1,4 +1,4 @@
-"""Measurements of bd3jax.parallel on 8 fake CPU devices, printed as one JSON object.
+"""Measurements of bd3jax.parallel and the attention kernels on 8 fake CPU devices, as JSON.
 
 tests/test_parallel.py runs this file in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (it must be set before jax is imported, and
@@ -7,14 +7,17 @@ the rest of the suite must keep its single device) and asserts on the numbers.
   python tests/multidevice_checks.py WORKDIR
 """
 
+import functools
 import json
 import shutil
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_config  # noqa: E402
 from bd3jax import metrics, parallel, run, train  # noqa: E402
 from bd3jax.data import demo_documents  # noqa: E402
+from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
+from bd3jax.model.attention import attention  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]   # (data, fsdp, tensor)
 BATCH, STEPS, VOCAB = 8, 3, 64
@@ -108,6 +113,57 @@ def check_steps() -> dict:
   return out
 
 
+def kernel_operand_sizes(jaxpr, sizes):
+  """Element counts of the floating-point operands of every Pallas call, nested jaxprs too."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      sizes += [v.aval.size for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          kernel_operand_sizes(sub, sizes)
+  return sizes
+
+
+def check_kernels() -> dict:
+  """The Pallas and splash kernels on the (2, 2, 2) mesh: output and gradients against dense
+  attention on one device, the largest operand any kernel call sees (a q shard is 1/8 of q),
+  and a sharded train step with the Pallas kernel against the unsharded dense step."""
+  mesh = parallel.make_mesh(mesh_config((2, 2, 2)))
+  mask = AttentionMask(MaskKind.TRAINING, 64, 16)   # T = 128: one splash block
+  q, k, v, do = (jax.random.normal(key, (4, 128, 4, 16))
+                 for key in jax.random.split(jax.random.key(0), 4))
+
+  def value_and_grads(implementation, q, k, v, do):
+    o, vjp = jax.vjp(functools.partial(attention, mask=mask, implementation=implementation),
+                     q, k, v)
+    return (o, *vjp(do))
+
+  ref = jax.jit(functools.partial(value_and_grads, "dense"))(q, k, v, do)
+  out = {"q_size": q.size}
+  for implementation in ("pallas", "splash"):
+    fn = jax.jit(functools.partial(value_and_grads, implementation))
+    with jax.set_mesh(mesh):
+      args = [jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")))
+              for x in (q, k, v, do)]
+      got = fn(*args)
+      sizes = kernel_operand_sizes(jax.make_jaxpr(fn)(*args).jaxpr, [])
+    out[implementation] = {"max_abs_diff": max_abs_diff(got, ref),
+                           "kernel_calls": len(sizes) > 0, "max_operand_size": max(sizes)}
+
+  dense = train.Task.from_config(tiny(), VOCAB, VOCAB - 1)
+  config = tiny()
+  config.model.attention = "pallas"
+  pallas = train.Task.from_config(config, VOCAB, VOCAB - 1)
+  rng = np.random.default_rng(1)
+  batches = [{"tokens": rng.integers(0, VOCAB - 1, (BATCH, 32), dtype=np.int32)}
+             for _ in range(2)]
+  out["train_step"] = {"dense_unsharded": unsharded_steps(dense, batches)[0],
+                       "pallas_sharded": sharded_steps(pallas, batches, (2, 2, 2))[0]}
+  return out
+
+
 def check_restore(workdir: Path) -> dict:
   """Train 8 steps with FSDP = 8; resume its step-4 checkpoint on FSDP x tensor = 2 x 4."""
   first, second = workdir / "fsdp8", workdir / "fsdp2_tensor4"
@@ -129,7 +185,8 @@ def check_restore(workdir: Path) -> dict:
 
 def main(workdir: str) -> None:
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
-  out = {"steps": check_steps(), "restore": check_restore(Path(workdir))}
+  out = {"steps": check_steps(), "kernels": check_kernels(),
+         "restore": check_restore(Path(workdir))}
   print("RESULT " + json.dumps(out))
 
 

@@ -6,15 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_config
 from conftest import MASK_ID, random_params, random_tokens, tiny_model
+from jax import export
 from jax.experimental import pallas as pl
 
-from bd3jax.kernels import block_sparse, splash_attention, tiles
+from bd3jax import train
+from bd3jax.kernels import block_sparse, platform, splash_attention, tiles
 from bd3jax.kernels.block_sparse import block_sparse_attention
 from bd3jax.masks import AttentionMask, MaskKind, Tile, tile_map
 from bd3jax.model.attention import attention, dense_attention
 
 TRAINING, BLOCK_CAUSAL, FULL = MaskKind.TRAINING, MaskKind.BLOCK_CAUSAL, MaskKind.FULL
+TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def qkv_and_cotangent(seed, shape, dtype):
@@ -163,3 +167,40 @@ def test_dispatch_and_errors():
     block_sparse_attention(q, k, v, AttentionMask(TRAINING, 4, 4))
   with pytest.raises(ValueError, match="float32 or all bfloat16"):
     block_sparse_attention(q, k.astype(jnp.bfloat16), v, mask)
+
+
+def lowered_for(platform_name, fn, *args) -> str:
+  """The StableHLO module of jit(fn) lowered for another platform (no device of it needed)."""
+  unchecked = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+  return export.export(jax.jit(fn), platforms=[platform_name],
+                       disabled_checks=unchecked)(*args).mlir_module()
+
+
+@pytest.mark.parametrize("kind,seq_len,block_size,dtype,head_dim", [
+    (TRAINING, 128, 1, jnp.bfloat16, 64), (TRAINING, 128, 16, jnp.float32, 128),
+    (TRAINING, 96, 4, jnp.bfloat16, 128), (TRAINING, 128, 128, jnp.bfloat16, 64),
+    (BLOCK_CAUSAL, 96, 4, jnp.float32, 64)])
+def test_pallas_forward_and_backward_lower_to_triton(monkeypatch, kind, seq_len, block_size,
+                                                     dtype, head_dim):
+  """The GPU path without a GPU: Pallas lowers the kernels to Triton IR for CUDA (Triton's
+  compilation to GPU code happens on the GPU)."""
+  monkeypatch.setattr(platform, "backend", lambda: "gpu")
+  mask = AttentionMask(kind, seq_len, block_size)
+  x = jax.ShapeDtypeStruct((2, mask.num_tokens, 3, head_dim), dtype)
+  attend = functools.partial(block_sparse_attention, mask=mask, interpret=False)
+  module = lowered_for("cuda", lambda q, k, v: jax.vjp(attend, q, k, v)[1](q), x, x, x)
+  assert module.count(TRITON_CALL) == 3   # forward, dq, dk and dv
+
+
+@pytest.mark.parametrize("backend,implementation,platform_name,custom_call", [
+    ("gpu", "pallas", "cuda", TRITON_CALL), ("tpu", "splash", "tpu", "tpu_custom_call")])
+def test_train_step_lowers_with_the_kernels(monkeypatch, backend, implementation,
+                                            platform_name, custom_call):
+  monkeypatch.setattr(platform, "backend", lambda: backend)
+  config = tiny_config.get_config()
+  config.model.attention = implementation
+  task = train.Task.from_config(config, 64, 63)
+  state = jax.eval_shape(lambda: train.init_state(task, task.init_params(jax.random.key(0))))
+  batch = {"tokens": jax.ShapeDtypeStruct((4, config.length), jnp.int32)}
+  module = lowered_for(platform_name, train.jit_train_step(task), state, batch)
+  assert custom_call in module

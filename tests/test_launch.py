@@ -1,4 +1,5 @@
-"""launch/: the dry runs print the exact commands; shellcheck passes on the scripts."""
+"""launch/: the dry runs print the exact commands; shellcheck passes on the scripts (and on
+benchmarks/gpu.sh)."""
 
 import os
 import shutil
@@ -84,7 +85,8 @@ def test_gpu_slurm_needs_a_workdir():
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS + [LAUNCH.parent / "benchmarks" / "gpu.sh"],
+                         ids=lambda p: p.name)
 def test_shellcheck(script):
   proc = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stdout

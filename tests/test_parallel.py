@@ -1,5 +1,6 @@
 """bd3jax.parallel: mesh, rules and start-up in this process (one device); sharded training,
-memory and cross-mesh restore on 8 fake CPU devices in a subprocess (multidevice_checks.py)."""
+memory, the attention kernels on device shards and cross-mesh restore on 8 fake CPU devices in
+a subprocess (multidevice_checks.py)."""
 
 import importlib
 import json
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from bd3jax import checkpoint, parallel, train
+from bd3jax import checkpoint, logical_axes, parallel, train
 from bd3jax.config import ConfigError
 from bd3jax.data import make_train_iterator
 
@@ -51,6 +52,20 @@ def test_sharded_gradient_accumulation(multidevice):
   got = multidevice["steps"]["grad_accum"]
   np.testing.assert_allclose(got["losses"], got["reference_losses"], rtol=2e-6)
   assert got["params_max_abs_diff"] < 2e-6
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "splash"])
+def test_kernels_run_on_each_devices_shard(multidevice, implementation):
+  kernels = multidevice["kernels"]
+  got = kernels[implementation]
+  assert got["max_abs_diff"] < 1e-5   # output and q, k, v gradients against dense attention
+  assert got["kernel_calls"]
+  assert got["max_operand_size"] == kernels["q_size"] // 8   # batch / (2 x 2), heads / 2
+
+
+def test_sharded_train_step_with_the_pallas_kernel(multidevice):
+  got = multidevice["kernels"]["train_step"]
+  np.testing.assert_allclose(got["pallas_sharded"], got["dense_unsharded"], rtol=2e-6)
 
 
 def test_the_meshes_really_split_the_weights(multidevice):
@@ -135,8 +150,8 @@ def test_single_device_default_mesh():
     (("batch", None), (7, 1024), (2, 4, 1), P(None, None)),
 ])
 def test_logical_rules(names, shape, sizes, spec):
-  axis_sizes = dict(zip(parallel.MESH_AXES, sizes))
-  assert parallel.logical_to_mesh_spec(names, shape, axis_sizes) == spec
+  axis_sizes = dict(zip(logical_axes.MESH_AXES, sizes))
+  assert logical_axes.logical_to_mesh_spec(names, shape, axis_sizes) == spec
 
 
 def test_every_parameter_name_has_a_rule():
@@ -144,7 +159,7 @@ def test_every_parameter_name_has_a_rule():
   task = train.Task.from_config(tiny_config.get_config(), 64, 63)
   names = {n for spec in jax.tree.leaves(task.param_axes(), is_leaf=lambda x: isinstance(x, P))
            for n in spec}
-  ruled = {name for name, _ in parallel.LOGICAL_RULES}
+  ruled = {name for name, _ in logical_axes.LOGICAL_RULES}
   assert names - ruled <= {"qkv", "head_dim"}   # never split: too small to be worth it
 
 

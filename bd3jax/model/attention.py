@@ -7,13 +7,19 @@ attention with the BD3 mask (interpreted on CPU); both skip the empty tiles of t
 `auto` picks per backend: `splash` on TPU, `dense` on CPU, and on GPU `cudnn` (bfloat16 /
 float16) or `xla`; `pallas` is not auto's GPU choice because its Triton build has not yet been
 timed against cuDNN (benchmarks/attention.py) — select it explicitly.
+Under a device mesh (`jax.set_mesh`) `pallas` and `splash` run on each device's shard of batch
+and heads (`shard_map`, axes from `logical_axes`): a kernel is opaque to XLA's partitioner,
+which would otherwise gather q, k and v onto every device and repeat the whole attention there.
 KV-cache decoding writes into a heads-major ring buffer of S slots and attends densely over it.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from bd3jax.kernels import block_sparse_attention, platform, splash_attention
+from bd3jax.logical_axes import logical_to_mesh_spec
 from bd3jax.masks import AttentionMask
 
 IMPLEMENTATIONS = ("dense", "xla", "cudnn", "pallas", "splash", "auto")
@@ -40,10 +46,9 @@ def attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, implementation: str =
   """Attention of T = mask.num_tokens queries over the same T keys under a BD3 mask."""
   if implementation == "auto":
     implementation = _auto(q_BTHK.dtype)
-  if implementation == "pallas":
-    return block_sparse_attention(q_BTHK, k_BTHK, v_BTHK, mask)
-  if implementation == "splash":
-    return splash_attention(q_BTHK, k_BTHK, v_BTHK, mask)
+  if implementation in ("pallas", "splash"):
+    kernel = block_sparse_attention if implementation == "pallas" else splash_attention
+    return _per_shard(functools.partial(kernel, mask=mask), q_BTHK, k_BTHK, v_BTHK)
   mask_TT = jnp.asarray(mask.dense())
   if implementation == "dense":
     return dense_attention(q_BTHK, k_BTHK, v_BTHK, mask_TT)
@@ -51,6 +56,18 @@ def attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, implementation: str =
     return jax.nn.dot_product_attention(
         q_BTHK, k_BTHK, v_BTHK, mask=mask_TT[None, None], implementation=implementation)
   raise ValueError(f"model.attention {implementation!r} is not one of {IMPLEMENTATIONS}")
+
+
+def _per_shard(kernel, q_BTHK, k_BTHK, v_BTHK):
+  """`kernel(q, k, v)` on each device's shard of batch and heads under the current mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q_BTHK, k_BTHK, v_BTHK)
+  spec = logical_to_mesh_spec(("batch", None, "heads", None), q_BTHK.shape, dict(mesh.shape))
+  # check_vma=False: the kernels' outputs carry no varying-axes annotation; devices along axes
+  # the spec leaves out hold equal inputs and so compute equal outputs.
+  return jax.shard_map(kernel, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+      q_BTHK, k_BTHK, v_BTHK)
 
 
 def update_kv_cache(cache_BHSK, new_BTHK, start):
