@@ -62,5 +62,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
       record = json.loads(line)
       cells = [f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
                for k in COLUMNS if record.get(k) is not None]
-      print(path.stem, record.get("device_kind", ""), *cells)
+      device = record.get("device_kind") or record.get("device", {}).get("device_kind", "")
+      print(path.stem, device, *cells)
 EOF
