@@ -1,7 +1,7 @@
 """Speed of the attention implementations under the BD3 training mask, forward and backward.
 
   python benchmarks/attention.py     # batch 16, 12 heads, 2L = 2048, head dim 64, L' 16, bf16
-  python benchmarks/attention.py --impls=pallas,cudnn,xla --block_q=128 --block_k=64
+  python benchmarks/attention.py --impls=pallas,cudnn,xla --block_q=128 --block_k=64 --num_warps=8
   python benchmarks/attention.py --batch=1 --heads=2 --length=64 --impls=dense,xla,pallas \
       --steps=3 --warmup=1                                  # a CPU smoke run (pallas interpreted)
 
@@ -10,7 +10,8 @@ Prints one JSON line per (implementation, pass). Conventions:
   draw already on device; the mask is `AttentionMask(TRAINING, L, L')`, i.e. the 2L x 2L
   training mask of x_t ⊕ x_0; every implementation goes through `bd3jax.model.attention`
   (`cudnn` and `xla` are `jax.nn.dot_product_attention` with the dense [2L, 2L] mask), except
-  that `pallas` calls `block_sparse_attention` itself with `--block_q`/`--block_k` tiles.
+  that `pallas` calls `block_sparse_attention` itself with `--block_q`/`--block_k` tiles and
+  `--num_warps`.
 - "fwd" times `attention(q, k, v)`; "fwd_bwd" times the output and (dq, dk, dv) of
   sum(attention(q, k, v) * dO) through `jax.vjp`; both jitted, nothing donated.
 - timing (`benchmarks/common.time_calls`): the first call compiles (`compile_s`), `--warmup`
@@ -50,6 +51,8 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension K.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q, k, v dtype.")
 _BLOCK_Q = flags.DEFINE_integer("block_q", block_sparse.BLOCK_Q, "pallas query tile.")
 _BLOCK_K = flags.DEFINE_integer("block_k", block_sparse.BLOCK_K, "pallas key tile.")
+_NUM_WARPS = flags.DEFINE_integer("num_warps", None,
+                                  "pallas warps per program (default: default_num_warps).")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed calls per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 5,
                                "Untimed calls before timing, the compiling one included.")
@@ -87,13 +90,14 @@ def main(argv):
 def _measure(impl, mask, inputs, reference, fwd_flops, record):
   q, k, v, do = inputs
   if impl == "pallas":
-    cfg = block_sparse.kernel_config(q, k, v, mask, _BLOCK_Q.value, _BLOCK_K.value)
+    cfg = block_sparse.kernel_config(q, k, v, mask, _BLOCK_Q.value, _BLOCK_K.value,
+                                     _NUM_WARPS.value)
     rows, _ = tiles.kernel_tiles(mask, cfg.num_tokens, cfg.block_q, cfg.block_k)
     n_tiles = (cfg.num_tokens // cfg.block_q) * (cfg.num_tokens // cfg.block_k)
-    record.update(block_q=cfg.block_q, block_k=cfg.block_k,
+    record.update(block_q=cfg.block_q, block_k=cfg.block_k, num_warps=cfg.num_warps,
                   tile_fraction=float(rows.counts_N2.sum() / n_tiles))
     attend = lambda q, k, v: block_sparse.block_sparse_attention(
-        q, k, v, mask, block_q=cfg.block_q, block_k=cfg.block_k)
+        q, k, v, mask, block_q=cfg.block_q, block_k=cfg.block_k, num_warps=cfg.num_warps)
   else:
     attend = lambda q, k, v: attention(q, k, v, mask, impl)
 

@@ -8,7 +8,8 @@
 # command runs under `timeout $PART_TIMEOUT` (default 300 s) so that one slow compile cannot
 # take the time of the rest; a failed command is reported and the script goes on.
 # - attention: the reference shape (batch 16, 12 heads, 2L = 2048, head dim 64, L' = 16, bf16)
-#   with pallas, cudnn and xla, then pallas with 128 x 64 and 64 x 32 tiles;
+#   with pallas, cudnn and xla, then pallas at 8 warps with 64 x 64 and 128 x 64 tiles (4 warps
+#   spill there: benchmarks/kernel_resources.py) and with 64 x 32 tiles;
 # - train_step: the small model (configs/base.py) with dense, cudnn and pallas attention;
 # - sampler: batch 1 and 64 at one token per NFE, and two parallel rules at batch 64.
 set -uo pipefail
@@ -36,7 +37,8 @@ for part in "${parts[@]}"; do
   case $part in
     attention)
       run attention benchmarks/attention.py --impls=pallas,cudnn,xla
-      run attention benchmarks/attention.py --impls=pallas --block_q=128 --block_k=64
+      run attention benchmarks/attention.py --impls=pallas --num_warps=8
+      run attention benchmarks/attention.py --impls=pallas --block_q=128 --block_k=64 --num_warps=8
       run attention benchmarks/attention.py --impls=pallas --block_q=64 --block_k=32 ;;
     train_step)
       for impl in dense cudnn pallas; do

@@ -163,6 +163,8 @@ def test_dispatch_and_errors():
     splash_attention(q, k, v, mask, interpret=False)
   with pytest.raises(ValueError, match="power of two"):
     block_sparse_attention(q, k, v, mask, block_q=12)
+  with pytest.raises(ValueError, match="num_warps=3 must be"):
+    block_sparse_attention(q, k, v, mask, num_warps=3)
   with pytest.raises(ValueError, match="covers 8 tokens, q has 16"):
     block_sparse_attention(q, k, v, AttentionMask(TRAINING, 4, 4))
   with pytest.raises(ValueError, match="float32 or all bfloat16"):
@@ -190,6 +192,8 @@ def test_pallas_forward_and_backward_lower_to_triton(monkeypatch, kind, seq_len,
   attend = functools.partial(block_sparse_attention, mask=mask, interpret=False)
   module = lowered_for("cuda", lambda q, k, v: jax.vjp(attend, q, k, v)[1](q), x, x, x)
   assert module.count(TRITON_CALL) == 3   # forward, dq, dk and dv
+  warps = block_sparse.default_num_warps(head_dim, dtype)
+  assert module.count(f"num_warps = {warps} : i32") == 3
 
 
 @pytest.mark.parametrize("backend,implementation,platform_name,custom_call", [
@@ -204,3 +208,17 @@ def test_train_step_lowers_with_the_kernels(monkeypatch, backend, implementation
   batch = {"tokens": jax.ShapeDtypeStruct((4, config.length), jnp.int32)}
   module = lowered_for(platform_name, train.jit_train_step(task), state, batch)
   assert custom_call in module
+
+
+def test_kernel_resources_captures_the_three_triton_kernels():
+  """benchmarks/kernel_resources.py's Triton IR (building it for a GPU needs `triton`): each
+  kernel loops over its full tiles, then its partial ones, with 2 (forward), 3 (dq) or
+  4 (dk, dv) matmuls per tile."""
+  from benchmarks import kernel_resources
+  modules = kernel_resources.triton_modules(AttentionMask(TRAINING, 64, 16), 64,
+                                            jnp.dtype(jnp.bfloat16), 64, 64, 4)
+  names = ["bd3_attention_fwd", "bd3_attention_dq", "bd3_attention_dkv"]
+  for module, name, dots in zip(modules, names, (2, 3, 4)):
+    assert f"tt.func public @{name}(" in module
+    assert module.count("scf.for") == 2
+    assert module.count("tt.dot ") == 2 * dots

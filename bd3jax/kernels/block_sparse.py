@@ -13,11 +13,11 @@
 
 Tiles: `BLOCK_Q` = `BLOCK_K` = 64 by default (clipped to T rounded up to a power of two).
 At L = 1024, L' = 16 the non-empty 64 x 64 tiles cover 28.1% of the 2L x 2L matrix (the mask
-itself 25.4%), against 31.2% for 128-wide tiles, and a 64 x 64 float32 score tile with head
-dim 64 or 128 keeps the Triton working set within registers at 4 warps (untuned: the
-benchmark takes `--block_q/--block_k`). Tile sizes must be powers of two (Triton); T is
-padded to a multiple of both (`tiles.padded_mask`). On GPU the kernels lower through Triton
-(float32 matmuls there may run as TF32); on CPU they run interpreted.
+itself 25.4%), against 31.2% for 128-wide tiles. Tile sizes must be powers of two (Triton); T
+is padded to a multiple of both (`tiles.padded_mask`). Warps: `default_num_warps`. Neither is
+tuned by timing yet: benchmarks/attention.py takes `--block_q/--block_k/--num_warps`. On GPU
+the kernels lower through Triton (float32 matmuls there may run as TF32); on CPU they run
+interpreted.
 """
 
 import dataclasses
@@ -35,6 +35,7 @@ from bd3jax.masks import AttentionMask
 
 BLOCK_Q = 64
 BLOCK_K = 64
+NUM_STAGES = 2
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK_VALUE - m) == 0
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -46,26 +47,38 @@ class KernelConfig:
   num_tokens: int
   block_q: int
   block_k: int
+  num_warps: int
   interpret: bool
 
 
 def block_sparse_attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, *,
                            block_q: int | None = None, block_k: int | None = None,
-                           interpret: bool | None = None):
+                           num_warps: int | None = None, interpret: bool | None = None):
   """softmax(q k^T / sqrt(K) + mask) v over T = mask.num_tokens tokens, block-sparse.
 
-  `block_q`/`block_k` default to `BLOCK_Q`/`BLOCK_K`; `interpret` defaults to True on
-  CPU. Differentiable in q, k and v.
+  `block_q`/`block_k` default to `BLOCK_Q`/`BLOCK_K`, `num_warps` (GPU) to
+  `default_num_warps`; `interpret` defaults to True on CPU. Differentiable in q, k and v.
   """
-  cfg = kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q, block_k, interpret)
+  cfg = kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q, block_k, num_warps, interpret)
   t = q_BTHK.shape[1]
   pad = lambda x_BTHK: jnp.pad(x_BTHK, ((0, 0), (0, cfg.num_tokens - t), (0, 0), (0, 0)))
   return _attention(pad(q_BTHK), pad(k_BTHK), pad(v_BTHK), cfg)[:, :t]
 
 
-def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None,
+def default_num_warps(head_dim: int, dtype) -> int:
+  """Warps per Triton program: 4 for bfloat16 with head dim <= 64, else 8.
+
+  From sm_90 builds of the three kernels with 64 x 64 tiles (benchmarks/kernel_resources.py):
+  at 4 warps none spills for bfloat16 at head dim 64, but dk/dv (two float32 [block_k, K]
+  accumulators) spills at head dim 128 or in float32; at 8 warps only float32 with head
+  dim 128 still does.
+  """
+  return 4 if head_dim <= 64 and jnp.dtype(dtype) == jnp.bfloat16 else 8
+
+
+def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_warps=None,
                   interpret=None) -> KernelConfig:
-  """Checks the inputs and settles tiles, padded length and interpret mode."""
+  """Checks the inputs and settles tiles, warps, padded length and interpret mode."""
   if not q_BTHK.shape == k_BTHK.shape == v_BTHK.shape or q_BTHK.ndim != 4:
     raise ValueError(f"pallas attention needs q, k, v of one shape [B, T, H, K]; got "
                      f"{q_BTHK.shape}, {k_BTHK.shape}, {v_BTHK.shape}")
@@ -89,8 +102,11 @@ def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None,
   for name, block in (("block_q", block_q), ("block_k", block_k)):
     if block < 1 or block & (block - 1):
       raise ValueError(f"pallas attention tile {name}={block} must be a power of two")
+  num_warps = default_num_warps(head_dim, q_BTHK.dtype) if num_warps is None else num_warps
+  if num_warps not in (1, 2, 4, 8, 16):
+    raise ValueError(f"pallas attention num_warps={num_warps} must be 1, 2, 4, 8 or 16")
   step = max(block_q, block_k)
-  return KernelConfig(mask, -(-t // step) * step, block_q, block_k, interpret)
+  return KernelConfig(mask, -(-t // step) * step, block_q, block_k, num_warps, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -217,7 +233,8 @@ def _list_args(lists):
 
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
-  params = None if cfg.interpret else plgpu.CompilerParams(num_warps=4, num_stages=2)
+  params = None if cfg.interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                           num_stages=NUM_STAGES)
   return pl.pallas_call(
       functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=cfg.interpret, compiler_params=params, name=name)

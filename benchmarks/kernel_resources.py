@@ -1,0 +1,119 @@
+"""Registers, spills and shared memory of the Pallas attention kernels built for a GPU, on any host.
+
+  pip install triton      # not a bd3jax dependency; brings its own ptxas and cuobjdump
+  python benchmarks/kernel_resources.py                    # head dim 64/128, bf16/f32, sm_90
+  python benchmarks/kernel_resources.py --tiles=64x64,128x64 --num_warps=4,8 --dtypes=bfloat16
+
+For each (head dim, dtype, tiles, warps) the forward, dq and dk/dv kernels are lowered to
+Triton IR for CUDA exactly as `jax.jit` would on a GPU (`block_sparse_attention` at batch 1,
+one head, the training mask of `--length`/`--block_size`), compiled to a cubin for `--sm` by
+the `triton` package, and described by cuobjdump's resource usage. One JSON line each:
+registers per thread, stack_bytes and local_bytes (register spills: anything above 0 costs
+memory traffic in the inner loop), shared_bytes (Triton's dynamic shared memory; 227 KiB is an
+sm_90 block's limit). No GPU is needed or used. The numbers are those of the pip Triton, which
+can differ a little from the Triton inside jaxlib that compiles the kernels for real.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax import export  # noqa: E402
+from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from bd3jax.kernels import block_sparse, platform  # noqa: E402
+from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
+
+_HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dimensions K.")
+_DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "q, k, v dtypes.")
+_TILES = flags.DEFINE_list("tiles", ["64x64", "128x64", "64x32"], "block_q x block_k tiles.")
+_NUM_WARPS = flags.DEFINE_list("num_warps", ["4", "8"],
+                               "Warps per program; 'default': default_num_warps.")
+_LENGTH = flags.DEFINE_integer("length", 1024, "L; the kernels run over 2L tokens.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "L'.")
+_SM = flags.DEFINE_integer("sm", 90, "Compute capability to build for (90: H100/H200).")
+
+KERNELS = ("fwd", "dq", "dkv")
+USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
+
+
+def triton_modules(mask, head_dim, dtype, block_q, block_k, num_warps) -> list[str]:
+  """Triton IR text of the forward, dq and dk/dv kernels, lowered for CUDA on this host."""
+  modules = []
+  lower = triton_lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    modules.append(result.module.operation.get_asm())
+    return result
+
+  x = jax.ShapeDtypeStruct((1, mask.num_tokens, 1, head_dim), dtype)
+  attend = lambda q, k, v: block_sparse.block_sparse_attention(
+      q, k, v, mask, block_q=block_q, block_k=block_k, num_warps=num_warps, interpret=False)
+  grads = lambda q, k, v: jax.vjp(attend, q, k, v)[1](q)
+  unchecked = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  with mock.patch.object(triton_lowering, "lower_jaxpr_to_triton_module", capture), \
+       mock.patch.object(platform, "backend", lambda: "gpu"):
+    export.export(jax.jit(grads), platforms=["cuda"], disabled_checks=unchecked)(x, x, x)
+  if len(modules) != len(KERNELS):
+    raise RuntimeError(f"expected {len(KERNELS)} Triton kernels, lowered {len(modules)}")
+  return modules
+
+
+def resources(triton, module: str, sm: int, num_warps: int) -> dict:
+  """Registers, spills and shared memory of one Triton IR module built for `sm`."""
+  from triton.backends.compiler import GPUTarget
+  with tempfile.TemporaryDirectory() as tmp:
+    ttir, cubin = os.path.join(tmp, "kernel.ttir"), os.path.join(tmp, "kernel.cubin")
+    with open(ttir, "w") as f:
+      f.write(module)
+    kernel = triton.compile(ttir, target=GPUTarget("cuda", sm, 32), options=dict(
+        num_warps=num_warps, num_stages=block_sparse.NUM_STAGES))
+    with open(cubin, "wb") as f:
+      f.write(kernel.asm["cubin"])
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], check=True,
+                           capture_output=True, text=True).stdout
+  registers, stack, local = map(int, USAGE.search(usage).groups())
+  return {"registers": registers, "stack_bytes": stack, "local_bytes": local,
+          "shared_bytes": kernel.metadata.shared}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, stated
+  try:
+    import triton
+  except ImportError as e:
+    raise app.UsageError("benchmarks/kernel_resources.py needs the triton package "
+                         "(pip install triton)") from e
+  mask = AttentionMask(MaskKind.TRAINING, _LENGTH.value, _BLOCK_SIZE.value)
+  for head_dim in map(int, _HEAD_DIMS.value):
+    for dtype in _DTYPES.value:
+      for tile in _TILES.value:
+        block_q, block_k = map(int, tile.split("x"))
+        for warps in _NUM_WARPS.value:
+          warps = (block_sparse.default_num_warps(head_dim, dtype) if warps == "default"
+                   else int(warps))
+          modules = triton_modules(mask, head_dim, jnp.dtype(dtype), block_q, block_k, warps)
+          for kernel, module in zip(KERNELS, modules):
+            common.emit({"benchmark": "kernel_resources", "kernel": kernel, "sm": _SM.value,
+                         "head_dim": head_dim, "dtype": dtype, "block_q": block_q,
+                         "block_k": block_k, "num_warps": warps,
+                         "num_stages": block_sparse.NUM_STAGES, "triton": triton.__version__,
+                         **resources(triton, module, _SM.value, warps)})
+
+
+if __name__ == "__main__":
+  app.run(main)
