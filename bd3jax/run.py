@@ -15,11 +15,15 @@ from bd3jax import config as config_lib
 from bd3jax.data import build_data, eval_batches, make_train_iterator
 
 
+def _valid_batch_size(config, data) -> int:
+  return min(config.train.batch_size, len(data.valid_tokens_NL))
+
+
 def valid_batches(config, data, n_batches: int | None = None):
   """The first `n_batches` (default `train.eval_batches`) held-out batches, in order."""
-  batch_size = min(config.train.batch_size, len(data.valid_tokens_NL))
   n_batches = config.train.eval_batches if n_batches is None else n_batches
-  return itertools.islice(eval_batches(data.valid_tokens_NL, batch_size), n_batches)
+  return itertools.islice(eval_batches(data.valid_tokens_NL, _valid_batch_size(config, data)),
+                          n_batches)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,8 +93,7 @@ def setup(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Setup:
 
 
 def _valid_batch_sharding(s: Setup, config):
-  batch_size = min(config.train.batch_size, len(s.data.valid_tokens_NL))
-  return parallel.batch_sharding(s.mesh, (batch_size, config.length))
+  return parallel.batch_sharding(s.mesh, (_valid_batch_size(config, s.data), config.length))
 
 
 def _eval_step_fn(s: Setup, config):

@@ -57,7 +57,6 @@ def ar_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ar")
   config = tiny_config.get_config()
   config.update(algo="ar", block_size=1)
-  config.noise.search_every = 0
   config.train.update(num_steps=2, checkpoint_every=2)
   run.train_and_evaluate(config, str(workdir))
   return str(workdir)
@@ -85,7 +84,6 @@ def test_ar_scorer_matches_the_models_nll_and_slides_past_its_context(ar_workdir
 
 def test_sample_mode_writes_a_scored_report(ar_workdir, tmp_path):
   config = tiny_config.get_config()
-  config.noise.search_every = 0
   config.train.update(num_steps=2, checkpoint_every=2)
   run.train_and_evaluate(config, str(tmp_path))
   config.sample.update(num_samples=3, scorer=ar_workdir)

@@ -59,8 +59,8 @@ def test_kernels_run_on_each_devices_shard(multidevice, implementation):
   kernels = multidevice["kernels"]
   got = kernels[implementation]
   assert got["max_abs_diff"] < 1e-5   # output and q, k, v gradients against dense attention
-  assert got["kernel_calls"]
-  assert got["max_operand_size"] == kernels["q_size"] // 8   # batch / (2 x 2), heads / 2
+  # Kernel calls happen (0 otherwise), each on batch / (2 x 2) and heads / 2.
+  assert got["max_operand_size"] == kernels["q_size"] // 8
 
 
 def test_sharded_train_step_with_the_pallas_kernel(multidevice):
