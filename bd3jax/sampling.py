@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bd3jax.masks import AttentionMask, MaskKind
-from bd3jax.model.transformer import DiT, init_cache
+from bd3jax.model.transformer import DiT, inference_params, init_cache
 
 RULES = ("ddpm", "first_hitting", "threshold", "entropy", "topk")
 
@@ -116,11 +116,13 @@ class SampleOutput(NamedTuple):
 
 
 class CachedNetwork:
-  """The DiT on one block at a time, against a KV cache of `size` slots (the state)."""
+  """The DiT on one block at a time, against a KV cache of `size` slots (the state); its
+  matmul weights cast to the compute dtype once (`inference_params`), not on every pass."""
   commits = True
 
   def __init__(self, model: DiT, params, size: int):
-    self.model, self.params, self.size = model, params, size
+    self.model, self.size = model, size
+    self.params = inference_params(model.cfg, params)
 
   def init(self, batch: int):
     return init_cache(self.model.cfg, batch, self.size)

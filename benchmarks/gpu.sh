@@ -11,7 +11,8 @@
 #   with pallas, cudnn and xla, then pallas at 8 warps with 64 x 64 and 128 x 64 tiles (4 warps
 #   spill there: benchmarks/kernel_resources.py) and with 64 x 32 tiles;
 # - train_step: the small model (configs/base.py) with dense, cudnn and pallas attention;
-# - sampler: batch 1 and 64 at one token per NFE, and two parallel rules at batch 64.
+# - sampler: batch 1 and 64 at one token per NFE, and two parallel rules at batch 64, with
+#   dense KV-cache attention and with the Pallas decode kernel (model.attention=pallas).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 out=${1:-bench_out}
@@ -45,7 +46,10 @@ for part in "${parts[@]}"; do
         run train_step benchmarks/train_step.py --config.model.attention="$impl"
       done ;;
     sampler)
-      run sampler benchmarks/sampler.py --noflat_cost --parallel=threshold:0.9,topk:4 ;;
+      for impl in dense pallas; do
+        run sampler benchmarks/sampler.py --noflat_cost --parallel=threshold:0.9,topk:4 \
+          --config.model.attention="$impl"
+      done ;;
     *)
       echo "unknown part '$part' (attention, train_step, sampler)" >&2
       exit 2 ;;

@@ -6,8 +6,10 @@
 
 For each (head dim, dtype, tiles, warps) the forward, dq and dk/dv kernels are lowered to
 Triton IR for CUDA exactly as `jax.jit` would on a GPU (`block_sparse_attention` at batch 1,
-one head, the training mask of `--length`/`--block_size`), compiled to a cubin for `--sm` by
-the `triton` package, and described by cuobjdump's resource usage. One JSON line each:
+one head, the training mask of `--length`/`--block_size`), and for each (head dim, dtype,
+warps) the sampler's KV-cache kernel (`kernels/decode.py`: `--block_size` queries over a cache
+of `--length` slots, default tiles); each is compiled to a cubin for `--sm` by the `triton`
+package and described by cuobjdump's resource usage. One JSON line each:
 registers per thread, stack_bytes and local_bytes (register spills: anything above 0 costs
 memory traffic in the inner loop), shared_bytes (Triton's dynamic shared memory; 227 KiB is an
 sm_90 block's limit). No GPU is needed or used. The numbers are those of the pip Triton, which
@@ -30,7 +32,7 @@ from jax import export  # noqa: E402
 from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bd3jax.kernels import block_sparse, platform  # noqa: E402
+from bd3jax.kernels import block_sparse, decode, platform  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
 
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dimensions K.")
@@ -46,8 +48,8 @@ KERNELS = ("fwd", "dq", "dkv")
 USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
 
 
-def triton_modules(mask, head_dim, dtype, block_q, block_k, num_warps) -> list[str]:
-  """Triton IR text of the forward, dq and dk/dv kernels, lowered for CUDA on this host."""
+def lowered_triton(fn, *args) -> list[str]:
+  """Triton IR text of every Pallas kernel in `jax.jit(fn)(*args)`, lowered for CUDA here."""
   modules = []
   lower = triton_lowering.lower_jaxpr_to_triton_module
 
@@ -56,17 +58,32 @@ def triton_modules(mask, head_dim, dtype, block_q, block_k, num_warps) -> list[s
     modules.append(result.module.operation.get_asm())
     return result
 
-  x = jax.ShapeDtypeStruct((1, mask.num_tokens, 1, head_dim), dtype)
-  attend = lambda q, k, v: block_sparse.block_sparse_attention(
-      q, k, v, mask, block_q=block_q, block_k=block_k, num_warps=num_warps, interpret=False)
-  grads = lambda q, k, v: jax.vjp(attend, q, k, v)[1](q)
   unchecked = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   with mock.patch.object(triton_lowering, "lower_jaxpr_to_triton_module", capture), \
        mock.patch.object(platform, "backend", lambda: "gpu"):
-    export.export(jax.jit(grads), platforms=["cuda"], disabled_checks=unchecked)(x, x, x)
+    export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=unchecked)(*args)
+  return modules
+
+
+def triton_modules(mask, head_dim, dtype, block_q, block_k, num_warps) -> list[str]:
+  """Triton IR text of the forward, dq and dk/dv kernels."""
+  x = jax.ShapeDtypeStruct((1, mask.num_tokens, 1, head_dim), dtype)
+  attend = lambda q, k, v: block_sparse.block_sparse_attention(
+      q, k, v, mask, block_q=block_q, block_k=block_k, num_warps=num_warps, interpret=False)
+  modules = lowered_triton(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q), x, x, x)
   if len(modules) != len(KERNELS):
     raise RuntimeError(f"expected {len(KERNELS)} Triton kernels, lowered {len(modules)}")
   return modules
+
+
+def decode_module(queries: int, slots: int, head_dim, dtype, num_warps):
+  """(Triton IR text, DecodeConfig) of the KV-cache kernel: `queries` tokens over `slots`."""
+  q = jax.ShapeDtypeStruct((1, queries, 1, head_dim), dtype)
+  cache = jax.ShapeDtypeStruct((1, 1, slots, head_dim), dtype)
+  attend = lambda q, k, v, end: decode.cache_attention(q, k, v, end, num_warps=num_warps,
+                                                       interpret=False)
+  [module] = lowered_triton(attend, q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32))
+  return module, decode.decode_config(q, cache, cache, num_warps=num_warps, interpret=True)
 
 
 def resources(triton, module: str, sm: int, num_warps: int) -> dict:
@@ -99,20 +116,26 @@ def main(argv):
     raise app.UsageError("benchmarks/kernel_resources.py needs the triton package "
                          "(pip install triton)") from e
   mask = AttentionMask(MaskKind.TRAINING, _LENGTH.value, _BLOCK_SIZE.value)
+  emit = lambda kernel, module, **fields: common.emit({
+      "benchmark": "kernel_resources", "kernel": kernel, "sm": _SM.value, **fields,
+      "num_stages": block_sparse.NUM_STAGES, "triton": triton.__version__,
+      **resources(triton, module, _SM.value, fields["num_warps"])})
   for head_dim in map(int, _HEAD_DIMS.value):
     for dtype in _DTYPES.value:
+      warp_counts = [block_sparse.default_num_warps(head_dim, dtype) if warps == "default"
+                     else int(warps) for warps in _NUM_WARPS.value]
       for tile in _TILES.value:
         block_q, block_k = map(int, tile.split("x"))
-        for warps in _NUM_WARPS.value:
-          warps = (block_sparse.default_num_warps(head_dim, dtype) if warps == "default"
-                   else int(warps))
+        for warps in warp_counts:
           modules = triton_modules(mask, head_dim, jnp.dtype(dtype), block_q, block_k, warps)
           for kernel, module in zip(KERNELS, modules):
-            common.emit({"benchmark": "kernel_resources", "kernel": kernel, "sm": _SM.value,
-                         "head_dim": head_dim, "dtype": dtype, "block_q": block_q,
-                         "block_k": block_k, "num_warps": warps,
-                         "num_stages": block_sparse.NUM_STAGES, "triton": triton.__version__,
-                         **resources(triton, module, _SM.value, warps)})
+            emit(kernel, module, head_dim=head_dim, dtype=dtype, block_q=block_q,
+                 block_k=block_k, num_warps=warps)
+      for warps in warp_counts:
+        module, cfg = decode_module(_BLOCK_SIZE.value, _LENGTH.value, head_dim, jnp.dtype(dtype),
+                                    warps)
+        emit("decode", module, head_dim=head_dim, dtype=dtype, block_q=cfg.block_q,
+             block_k=cfg.block_k, num_warps=warps)
 
 
 if __name__ == "__main__":

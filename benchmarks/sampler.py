@@ -2,6 +2,7 @@
 
   python benchmarks/sampler.py              # small model, L = 1024, L' = 16, batch 1 and 64, bf16
   python benchmarks/sampler.py --workdir=RUN  # a trained checkpoint (meaningful quality figures)
+  python benchmarks/sampler.py --config.model.attention=pallas  # the Pallas KV-cache kernel (GPU)
   python benchmarks/sampler.py --workdir=RUN --scorer=AR_RUN  # + generative perplexity
   python benchmarks/sampler.py --config.model.n_layers=4 --config.model.d_model=256 \\
       --config.model.n_heads=4 --config.model.dtype=float32 --vocab_size=8192 \\
@@ -207,6 +208,7 @@ def main(argv):
   base = {"device": common.device_summary(), "length": config.length,
           "block_size": config.block_size, "n_layers": m.n_layers, "d_model": m.d_model,
           "n_heads": m.n_heads, "vocab_size": m.vocab_size, "dtype": m.dtype,
+          "attention": m.attention,
           "weights": _WORKDIR.value or "random"}
   for batch in map(int, _BATCHES.value):
     result = run_sampler(model, params, ids, sampler_cfg(config, rule="first_hitting"), batch, runs)

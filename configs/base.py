@@ -22,7 +22,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       dropout=0.1,
       time_conditioning=False,
       dtype="bfloat16",      # compute dtype; parameters are always float32
-      attention="dense",     # dense | xla | cudnn
+      attention="dense",     # dense | xla | cudnn | pallas | splash | auto (README)
   ))
 
 

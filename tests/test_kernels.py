@@ -11,11 +11,11 @@ from conftest import MASK_ID, random_params, random_tokens, tiny_model
 from jax import export
 from jax.experimental import pallas as pl
 
-from bd3jax import train
-from bd3jax.kernels import block_sparse, platform, splash_attention, tiles
+from bd3jax import sampling, train
+from bd3jax.kernels import block_sparse, decode, platform, splash_attention, tiles
 from bd3jax.kernels.block_sparse import block_sparse_attention
 from bd3jax.masks import AttentionMask, MaskKind, Tile, tile_map
-from bd3jax.model.attention import attention, dense_attention
+from bd3jax.model.attention import attention, dense_attention, dense_cache_attention
 
 TRAINING, BLOCK_CAUSAL, FULL = MaskKind.TRAINING, MaskKind.BLOCK_CAUSAL, MaskKind.FULL
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -171,6 +171,56 @@ def test_dispatch_and_errors():
     block_sparse_attention(q, k.astype(jnp.bfloat16), v, mask)
 
 
+def query_and_cache(seed, batch, t, heads, slots, head_dim, dtype):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  shapes = ((batch, t, heads, head_dim), (batch, heads, slots, head_dim),
+            (batch, heads, slots, head_dim))
+  return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k, shape in zip(keys, shapes)]
+
+
+@pytest.mark.parametrize("t,slots,end,dtype,head_dim,block_k", [
+    (1, 64, 1, jnp.float32, 64, None),       # AR: the first token
+    (1, 64, 37, jnp.bfloat16, 64, 16),       # AR: a partial last key tile
+    (4, 64, 64, jnp.float32, 128, None),     # L' = 4, the cache just full
+    (16, 64, 32, jnp.bfloat16, 64, 16),      # L' = 16
+    (16, 96, 400, jnp.float32, 64, None),    # past the window: every slot, tiles of 32
+    (24, 48, 24, jnp.float32, 16, None),     # T padded to 32 queries
+    (64, 64, 64, jnp.bfloat16, 64, None),    # L' = L: MDLM's one block
+    (96, 96, 96, jnp.float32, 64, 32),       # two query tiles, three key tiles
+])
+def test_cache_attention_matches_dense(t, slots, end, dtype, head_dim, block_k):
+  q, k, v = query_and_cache(t + slots + end, 2, t, 3, slots, head_dim, dtype)
+  o = decode.cache_attention(q, k, v, jnp.int32(end), block_k=block_k)
+  assert o.shape == q.shape and o.dtype == dtype and np.isfinite(o).all()
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(o, dense_cache_attention(q, k, v, end), rtol=1e-5, atol=1e-5)
+  else:  # against float32 dense on the same bf16 values: bf16 rounding only
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    assert relative_error(o, dense_cache_attention(*f32, end)) < 1e-2
+  # Unfilled slots weigh nothing, and key tiles past the last filled slot are never read.
+  filled = min(end, slots)
+  tile = decode.decode_config(q, k, v, block_k).block_k
+  read = -(-filled // tile) * tile
+  k, v = (x.at[:, :, filled:read].set(1e4).at[:, :, read:].set(jnp.nan) for x in (k, v))
+  np.testing.assert_array_equal(decode.cache_attention(q, k, v, jnp.int32(end), block_k=block_k),
+                                o)
+
+
+def test_cache_attention_errors(monkeypatch):
+  q, k, v = query_and_cache(0, 1, 4, 2, 24, 16, jnp.float32)
+  with pytest.raises(ValueError, match="'pallas' compiles for GPU only"):
+    decode.cache_attention(q, k, v, 4, interpret=False)
+  with pytest.raises(ValueError, match="all float32 or all bfloat16"):
+    decode.cache_attention(q, k.astype(jnp.bfloat16), v, 4)
+  with pytest.raises(ValueError, match=r"caches \[B, H, S, K\]"):
+    decode.cache_attention(q, k[:, :1], v, 4)
+  with pytest.raises(ValueError, match="num_warps=3"):
+    decode.cache_attention(q, k, v, 4, num_warps=3)
+  monkeypatch.setattr(platform, "backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="multiple of 16 slots; got 24"):
+    decode.cache_attention(q, k, v, 4, interpret=False)
+
+
 def lowered_for(platform_name, fn, *args) -> str:
   """The StableHLO module of jit(fn) lowered for another platform (no device of it needed)."""
   unchecked = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
@@ -196,6 +246,37 @@ def test_pallas_forward_and_backward_lower_to_triton(monkeypatch, kind, seq_len,
   assert module.count(f"num_warps = {warps} : i32") == 3
 
 
+@pytest.mark.parametrize("t,dtype,head_dim", [(16, jnp.bfloat16, 64), (1, jnp.float32, 128)])
+def test_cache_attention_lowers_to_triton(monkeypatch, t, dtype, head_dim):
+  monkeypatch.setattr(platform, "backend", lambda: "gpu")
+  q = jax.ShapeDtypeStruct((2, t, 3, head_dim), dtype)
+  cache = jax.ShapeDtypeStruct((2, 3, 1024, head_dim), dtype)
+  attend = functools.partial(decode.cache_attention, interpret=False)
+  module = lowered_for("cuda", attend, q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32))
+  assert module.count(TRITON_CALL) == 1
+  assert module.count(f"num_warps = {block_sparse.default_num_warps(head_dim, dtype)} : i32") == 1
+
+
+def test_sampler_lowers_with_the_decode_kernel(monkeypatch):
+  """The KV-cached sampler with model.attention = pallas: the decode kernel in every layer of
+  the denoising pass and of the commit pass, inside the sampling loops (the commit pass keeps
+  only keys and values, so its last layer's attention is dead code)."""
+  monkeypatch.setattr(platform, "backend", lambda: "gpu")
+  model = tiny_model(d_model=64, n_heads=4, attention="pallas", dtype="bfloat16")
+  cfg = sampling.SamplerConfig(length=64, block_size=16, steps=16, rule="first_hitting")
+  mask = AttentionMask(BLOCK_CAUSAL, 16, 16)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
+                                             None, mask)["params"])
+
+  def generate(params):
+    return sampling._generate(
+        params, jax.random.split(jax.random.key(0), 2), jnp.zeros((2, 0), jnp.int32),
+        jnp.zeros((2,), jnp.int32), jnp.int32(4), model=model, cfg=cfg, bos_id=0, eos_id=None,
+        mask_id=MASK_ID, on_block=None)
+  module = lowered_for("cuda", generate, params)
+  assert module.count(TRITON_CALL) == 2 * model.cfg.n_layers - 1
+
+
 @pytest.mark.parametrize("backend,implementation,platform_name,custom_call", [
     ("gpu", "pallas", "cuda", TRITON_CALL), ("tpu", "splash", "tpu", "tpu_custom_call")])
 def test_train_step_lowers_with_the_kernels(monkeypatch, backend, implementation,
@@ -210,10 +291,10 @@ def test_train_step_lowers_with_the_kernels(monkeypatch, backend, implementation
   assert custom_call in module
 
 
-def test_kernel_resources_captures_the_three_triton_kernels():
+def test_kernel_resources_captures_the_triton_kernels():
   """benchmarks/kernel_resources.py's Triton IR (building it for a GPU needs `triton`): each
-  kernel loops over its full tiles, then its partial ones, with 2 (forward), 3 (dq) or
-  4 (dk, dv) matmuls per tile."""
+  training kernel loops over its full tiles, then its partial ones, with 2 (forward), 3 (dq)
+  or 4 (dk, dv) matmuls per tile; the KV-cache kernel loops once over the filled tiles."""
   from benchmarks import kernel_resources
   modules = kernel_resources.triton_modules(AttentionMask(TRAINING, 64, 16), 64,
                                             jnp.dtype(jnp.bfloat16), 64, 64, 4)
@@ -222,3 +303,6 @@ def test_kernel_resources_captures_the_three_triton_kernels():
     assert f"tt.func public @{name}(" in module
     assert module.count("scf.for") == 2
     assert module.count("tt.dot ") == 2 * dots
+  module, cfg = kernel_resources.decode_module(16, 1024, 64, jnp.dtype(jnp.bfloat16), 4)
+  assert "tt.func public @bd3_cache_attention(" in module and (cfg.block_q, cfg.block_k) == (16, 64)
+  assert module.count("scf.for") == 1 and module.count("tt.dot ") == 2  # one loop, 2 matmuls

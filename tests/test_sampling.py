@@ -167,14 +167,17 @@ def test_low_entropy_stops_a_degenerate_sequence():
   assert int(out.forwards) == 3  # stopped after the third block (one step each)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 1e-2)])
-def test_decode_reuses_the_parameters_and_equals_the_full_forward(dtype, tolerance):
+@pytest.mark.parametrize("dtype,tolerance,attention", [
+    ("float32", 1e-5, "dense"), ("bfloat16", 1e-2, "dense"), ("bfloat16", 1e-2, "pallas")])
+def test_decode_reuses_the_parameters_and_equals_the_full_forward(dtype, tolerance, attention):
   """Also in bfloat16, where the cache holds bfloat16 keys and values as the full forward's
-  attention reads them (equal on XLA:CPU; the tolerance is relative to the largest logit)."""
+  attention reads them (equal on XLA:CPU; the tolerance is relative to the largest logit).
+  The full forward uses dense attention; `attention` is the decoding model's."""
   _, params = model_and_params()
-  model = tiny_model(dtype=dtype)
   tokens = jax.random.randint(jax.random.key(3), (2, L), 0, MASK_ID)
-  full = apply_fn(model, params)(tokens, None, AttentionMask(MaskKind.BLOCK_CAUSAL, L, LB))
+  full = apply_fn(tiny_model(dtype=dtype), params)(tokens, None,
+                                                   AttentionMask(MaskKind.BLOCK_CAUSAL, L, LB))
+  model = tiny_model(dtype=dtype, attention=attention)
   atol = tolerance * float(jnp.abs(full).max()) if dtype == "bfloat16" else tolerance
   decode = jax.jit(lambda cache, tokens_BK, start, select_B: model.apply(
       {"params": params, "cache": cache}, tokens_BK, None, start, select_B, method=DiT.decode,
@@ -190,6 +193,27 @@ def test_decode_reuses_the_parameters_and_equals_the_full_forward(dtype, toleran
                                atol=atol)
   with pytest.raises(ValueError, match="needs a KV cache"):
     model.apply({"params": params}, tokens[:, :LB], None, 0, method=DiT.decode, mutable=["cache"])
+
+
+def test_inference_params_change_no_output_bit():
+  """The sampler's parameters: matmul weights in the compute dtype, the rest float32."""
+  _, params = model_and_params()
+  model = tiny_model(dtype="bfloat16")
+  cast = transformer.inference_params(model.cfg, params)
+  dtypes = {"/".join(k.key for k in path): leaf.dtype
+            for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
+  matmuls = {f"blocks_{i}/{layer}" for i in range(2)
+             for layer in ("attn_qkv/kernel", "attn_out/kernel", "mlp_0/kernel", "mlp_0/bias",
+                           "mlp_2/kernel", "mlp_2/bias")} | {"output_layer/linear/kernel",
+                                                             "output_layer/linear/bias"}
+  assert {name for name, dtype in dtypes.items() if dtype == jnp.bfloat16} == matmuls
+  assert all(dtype == jnp.float32 for name, dtype in dtypes.items() if name not in matmuls)
+  decode = jax.jit(lambda params, tokens_BK: model.apply(
+      {"params": params, "cache": init_cache(model.cfg, 2, L)}, tokens_BK, jnp.ones((2,)), 0,
+      method=DiT.decode, mutable=["cache"]))
+  tokens = jax.random.randint(jax.random.key(4), (2, LB), 0, MASK_ID)
+  out, out_cast = decode(params, tokens), decode(cast, tokens)
+  jax.tree.map(np.testing.assert_array_equal, out, out_cast)
 
 
 class CheckedNetwork:
@@ -218,8 +242,13 @@ def banded_attention(window_blocks, block_size):
   return attend
 
 
-@pytest.mark.parametrize("kind", ["bd3_ddpm", "bd3_first_hitting", "ar", "mdlm", "sliding_window"])
-def test_cached_logits_equal_a_full_recompute_at_every_step(kind, monkeypatch):
+@pytest.mark.parametrize("kind,attention", [
+    ("bd3_ddpm", "dense"), ("bd3_first_hitting", "dense"), ("ar", "dense"), ("mdlm", "dense"),
+    ("sliding_window", "dense"), ("bd3_first_hitting", "pallas"),
+    ("sliding_window", "pallas")])
+def test_cached_logits_equal_a_full_recompute_at_every_step(kind, attention, monkeypatch):
+  """The recompute is always dense attention; `attention` is the cached network's (the decode
+  kernel's AR and MDLM shapes, 1 and L queries, are checked in tests/test_kernels.py)."""
   ar = kind == "ar"
   cfg = {
       "bd3_ddpm": sampling.SamplerConfig(length=L, block_size=LB, steps=3),
@@ -232,7 +261,8 @@ def test_cached_logits_equal_a_full_recompute_at_every_step(kind, monkeypatch):
   if kind == "sliding_window":
     monkeypatch.setattr(transformer, "attention", banded_attention(3, LB))
   model, params = model_and_params(ar)
-  network = CheckedNetwork(sampling.CachedNetwork(model, params, cfg.cache_size),
+  cached_model = tiny_model(adaln=not ar, attention=attention)
+  network = CheckedNetwork(sampling.CachedNetwork(cached_model, params, cfg.cache_size),
                            sampling.DenseNetwork(apply_fn(model, params), L, cfg.block_size))
   prefix, prefix_len = sampling.prefix(jnp.asarray(PROMPTS), jnp.asarray(PROMPT_LENGTHS), L,
                                        bos_id=BOS, mask_id=MASK_ID)

@@ -149,26 +149,36 @@ def _logits(q_QD, k_KD, q_pos_Q, k_pos_K, masked: bool, cfg: KernelConfig):
   return s_QK
 
 
+def online_softmax_init(shape_QD):
+  """(acc, running max, running sum) before the first key tile, all float32."""
+  return (jnp.zeros(shape_QD, jnp.float32), jnp.full(shape_QD[:1], -jnp.inf, jnp.float32),
+          jnp.zeros(shape_QD[:1], jnp.float32))
+
+
+def online_softmax_update(carry, s_QK, v_KD):
+  """Folds one key tile's float32 logits and values into (acc, max, sum); the output is
+  acc / sum after the last tile. Probabilities meet v in v's dtype, as in `dense_attention`."""
+  acc_QD, m_Q, l_Q = carry
+  m_new_Q = jnp.maximum(m_Q, s_QK.max(axis=-1))
+  rescale_Q = jnp.exp(m_Q - m_new_Q)
+  p_QK = jnp.exp(s_QK - m_new_Q[:, None])
+  l_Q = rescale_Q * l_Q + p_QK.sum(axis=-1)
+  acc_QD = rescale_Q[:, None] * acc_QD + jnp.dot(
+      p_QK.astype(v_KD.dtype), v_KD, preferred_element_type=jnp.float32)
+  return acc_QD, m_new_Q, l_Q
+
+
 def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
   bq, bk = cfg.block_q, cfg.block_k
   q_QD = q_ref[...]
   q_pos_Q = _positions(pl.program_id(2), bq)
 
   def body(j, masked, carry):
-    acc_QD, m_Q, l_Q = carry
     k_KD, v_KD = _tile(k_ref, j, bk), _tile(v_ref, j, bk)
     s_QK = _logits(q_QD, k_KD, q_pos_Q, _positions(j, bk), masked, cfg)
-    m_new_Q = jnp.maximum(m_Q, s_QK.max(axis=-1))
-    rescale_Q = jnp.exp(m_Q - m_new_Q)
-    p_QK = jnp.exp(s_QK - m_new_Q[:, None])
-    l_Q = rescale_Q * l_Q + p_QK.sum(axis=-1)
-    acc_QD = rescale_Q[:, None] * acc_QD + jnp.dot(
-        p_QK.astype(v_KD.dtype), v_KD, preferred_element_type=jnp.float32)
-    return acc_QD, m_new_Q, l_Q
+    return online_softmax_update(carry, s_QK, v_KD)
 
-  init = (jnp.zeros(q_QD.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
-  acc_QD, m_Q, l_Q = _visit(counts_ref, index_ref, body, init)
+  acc_QD, m_Q, l_Q = _visit(counts_ref, index_ref, body, online_softmax_init(q_QD.shape))
   o_ref[...] = (acc_QD / l_Q[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m_Q + jnp.log(l_Q)
 
@@ -232,12 +242,19 @@ def _list_args(lists):
   return jnp.asarray(lists.counts_N2), jnp.asarray(lists.index_NP)
 
 
+def call_kernel(kernel, grid, in_specs, out_specs, out_shape, name, *, num_warps: int,
+                interpret: bool):
+  """`pl.pallas_call` with this package's Triton settings (warps, `NUM_STAGES`)."""
+  params = None if interpret else plgpu.CompilerParams(num_warps=num_warps,
+                                                       num_stages=NUM_STAGES)
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                        out_shape=out_shape, interpret=interpret, compiler_params=params,
+                        name=name)
+
+
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
-  params = None if cfg.interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                                           num_stages=NUM_STAGES)
-  return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, interpret=cfg.interpret, compiler_params=params, name=name)
+  return call_kernel(functools.partial(kernel, cfg=cfg), grid, in_specs, out_specs, out_shape,
+                     name, num_warps=cfg.num_warps, interpret=cfg.interpret)
 
 
 def forward(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):

@@ -10,7 +10,9 @@ timed against cuDNN (benchmarks/attention.py) — select it explicitly.
 Under a device mesh (`jax.set_mesh`) `pallas` and `splash` run on each device's shard of batch
 and heads (`shard_map`, axes from `logical_axes`): a kernel is opaque to XLA's partitioner,
 which would otherwise gather q, k and v onto every device and repeat the whole attention there.
-KV-cache decoding writes into a heads-major ring buffer of S slots and attends densely over it.
+KV-cache decoding writes into a heads-major ring buffer of S slots and attends over its filled
+slots: with `pallas` through bd3jax's decode kernel (`kernels/decode.py`, which reads only those
+slots), with every other implementation densely over all S (`dense_cache_attention`).
 """
 
 import functools
@@ -18,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bd3jax.kernels import block_sparse_attention, platform, splash_attention
+from bd3jax.kernels import block_sparse_attention, decode, platform, splash_attention
 from bd3jax.logical_axes import logical_to_mesh_spec
 from bd3jax.masks import AttentionMask
 
@@ -81,13 +83,21 @@ def update_kv_cache(cache_BHSK, new_BTHK, start):
   return jax.lax.dynamic_update_slice_in_dim(cache_BHSK, new_BHTK, slot, axis=2)
 
 
-def cache_attention(q_BTHK, k_BHSK, v_BHSK, end):
+def cache_attention(q_BTHK, k_BHSK, v_BHSK, end, implementation: str = "dense"):
   """Attention of T queries over the ring-buffer slots that hold positions < `end`.
 
   After writing positions up to end - 1, the first min(end, S) slots are exactly the last
   min(end, S) positions; all of them are visible to every query (a block sees itself fully).
-  Computed as `dense_attention`: float32 logits and softmax.
+  `pallas` runs the decode kernel; any other implementation `dense_cache_attention`.
   """
+  if implementation == "pallas":
+    return decode.cache_attention(q_BTHK, k_BHSK, v_BHSK, end)
+  return dense_cache_attention(q_BTHK, k_BHSK, v_BHSK, end)
+
+
+def dense_cache_attention(q_BTHK, k_BHSK, v_BHSK, end):
+  """`cache_attention` as `dense_attention` computes it: float32 logits over all S slots, the
+  unfilled ones masked, and a float32 softmax."""
   s = k_BHSK.shape[2]
   logits_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK, k_BHSK,
                            preferred_element_type=jnp.float32) * q_BTHK.shape[-1] ** -0.5

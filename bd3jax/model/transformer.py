@@ -116,6 +116,27 @@ def init_cache(cfg: ModelConfig, batch: int, size: int) -> dict:
           for i in range(cfg.n_layers)}
 
 
+_MATMUL_LAYERS = ("attn_qkv", "attn_out", "mlp_0", "mlp_2")  # a Block's layers run in cfg.dtype
+
+
+def inference_params(cfg: ModelConfig, params):
+  """`params` with the weights that only feed `cfg.dtype` matmuls (the blocks' attention and MLP
+  layers, the output projection) cast to that dtype: every output stays the same bit for bit.
+
+  For a loop that applies the network many times (the sampler): the cast happens once instead
+  of on every pass, which then reads half the weight bytes in bfloat16.
+  """
+  dtype = jnp.dtype(cfg.dtype)
+
+  def cast(path, leaf):
+    names = [getattr(key, "key", None) for key in path]
+    in_matmul = len(names) == 3 and (
+        (str(names[0]).startswith("blocks_") and names[1] in _MATMUL_LAYERS) or
+        names[:2] == ["output_layer", "linear"])
+    return leaf.astype(dtype) if in_matmul else leaf
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def _modulate(x_BTD, shift_B1D, scale_B1D):
   return x_BTD * (1 + scale_B1D) + shift_B1D
 
@@ -178,7 +199,7 @@ class Block(nn.Module):
     v_BHSK = update_kv_cache(self.get_variable("cache", "value"), v_BTHK, start)
     self.put_variable("cache", "key", k_BHSK)
     self.put_variable("cache", "value", v_BHSK)
-    return cache_attention(q_BTHK, k_BHSK, v_BHSK, start + q_BTHK.shape[1])
+    return cache_attention(q_BTHK, k_BHSK, v_BHSK, start + q_BTHK.shape[1], self.cfg.attention)
 
 
 class FinalLayer(nn.Module):
