@@ -184,7 +184,7 @@ def query_and_cache(seed, batch, t, heads, slots, head_dim, dtype):
     (4, 64, 64, jnp.float32, 128, None),     # L' = 4, the cache just full
     (16, 64, 32, jnp.bfloat16, 64, 16),      # L' = 16
     (16, 96, 400, jnp.float32, 64, None),    # past the window: every slot, tiles of 32
-    (24, 48, 24, jnp.float32, 16, None),     # T padded to 32 queries
+    (24, 48, 24, jnp.bfloat16, 16, None),    # T padded to 32 queries
     (64, 64, 64, jnp.bfloat16, 64, None),    # L' = L: MDLM's one block
     (96, 96, 96, jnp.float32, 64, 32),       # two query tiles, three key tiles
 ])
@@ -216,6 +216,9 @@ def test_cache_attention_errors(monkeypatch):
     decode.cache_attention(q, k[:, :1], v, 4)
   with pytest.raises(ValueError, match="num_warps=3"):
     decode.cache_attention(q, k, v, 4, num_warps=3)
+  for block_k in (0, 6):
+    with pytest.raises(ValueError, match=f"block_k={block_k} must be a power of two"):
+      decode.cache_attention(q, k, v, 4, block_k=block_k)
   monkeypatch.setattr(platform, "backend", lambda: "gpu")
   with pytest.raises(ValueError, match="multiple of 16 slots; got 24"):
     decode.cache_attention(q, k, v, 4, interpret=False)
@@ -246,11 +249,12 @@ def test_pallas_forward_and_backward_lower_to_triton(monkeypatch, kind, seq_len,
   assert module.count(f"num_warps = {warps} : i32") == 3
 
 
-@pytest.mark.parametrize("t,dtype,head_dim", [(16, jnp.bfloat16, 64), (1, jnp.float32, 128)])
-def test_cache_attention_lowers_to_triton(monkeypatch, t, dtype, head_dim):
+@pytest.mark.parametrize("t,slots,dtype,head_dim", [
+    (16, 1024, jnp.bfloat16, 64), (1, 96, jnp.float32, 128), (24, 48, jnp.bfloat16, 64)])
+def test_cache_attention_lowers_to_triton(monkeypatch, t, slots, dtype, head_dim):
   monkeypatch.setattr(platform, "backend", lambda: "gpu")
   q = jax.ShapeDtypeStruct((2, t, 3, head_dim), dtype)
-  cache = jax.ShapeDtypeStruct((2, 3, 1024, head_dim), dtype)
+  cache = jax.ShapeDtypeStruct((2, 3, slots, head_dim), dtype)
   attend = functools.partial(decode.cache_attention, interpret=False)
   module = lowered_for("cuda", attend, q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32))
   assert module.count(TRITON_CALL) == 1

@@ -214,6 +214,25 @@ def test_inference_params_change_no_output_bit():
   tokens = jax.random.randint(jax.random.key(4), (2, LB), 0, MASK_ID)
   out, out_cast = decode(params, tokens), decode(cast, tokens)
   jax.tree.map(np.testing.assert_array_equal, out, out_cast)
+  # No parameter is cast to bfloat16 inside the pass any more (all matmul weights were found).
+  shapes = {leaf.shape for leaf in jax.tree.leaves(params)}
+  assert shapes & bf16_casts(jax.make_jaxpr(decode)(params, tokens).jaxpr)
+  assert not shapes & bf16_casts(jax.make_jaxpr(decode)(cast, tokens).jaxpr)
+
+
+def bf16_casts(jaxpr) -> set:
+  """Shapes of the float32 values a jaxpr (and its sub-jaxprs) casts to bfloat16."""
+  shapes = set()
+  for eqn in jaxpr.eqns:
+    if (eqn.primitive.name == "convert_element_type" and eqn.invars[0].aval.dtype == jnp.float32
+        and eqn.params["new_dtype"] == jnp.bfloat16):
+      shapes.add(eqn.invars[0].aval.shape)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          shapes |= bf16_casts(sub)
+  return shapes
 
 
 class CheckedNetwork:

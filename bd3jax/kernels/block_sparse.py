@@ -76,6 +76,17 @@ def default_num_warps(head_dim: int, dtype) -> int:
   return 4 if head_dim <= 64 and jnp.dtype(dtype) == jnp.bfloat16 else 8
 
 
+def check_gpu_build(head_dim: int, *, elsewhere: str) -> None:
+  """Raises unless a Triton build can run: a GPU backend, a power-of-two head dim in [16, 256].
+  `elsewhere` tells what to use on other backends."""
+  if platform.backend() != "gpu":
+    raise ValueError(f"model.attention 'pallas' compiles for GPU only (backend is "
+                     f"{platform.backend()!r}); {elsewhere}")
+  if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+    raise ValueError(f"model.attention 'pallas' on GPU needs a power-of-two head dim in "
+                     f"[16, 256]; got {head_dim} (d_model / n_heads)")
+
+
 def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_warps=None,
                   interpret=None) -> KernelConfig:
   """Checks the inputs and settles tiles, warps, padded length and interpret mode."""
@@ -90,12 +101,7 @@ def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_
     raise ValueError(f"the {mask.kind.value} mask covers {mask.num_tokens} tokens, q has {t}")
   interpret = platform.interpret_by_default() if interpret is None else interpret
   if not interpret:
-    if platform.backend() != "gpu":
-      raise ValueError(f"model.attention 'pallas' compiles for GPU only (backend is "
-                       f"{platform.backend()!r}); use 'splash' on TPU, 'dense' on CPU")
-    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
-      raise ValueError(f"model.attention 'pallas' on GPU needs a power-of-two head dim in "
-                       f"[16, 256]; got {head_dim} (d_model / n_heads)")
+    check_gpu_build(head_dim, elsewhere="use 'splash' on TPU, 'dense' on CPU")
   t_pow2 = 1 << (t - 1).bit_length()
   block_q = min(BLOCK_Q if block_q is None else block_q, t_pow2)
   block_k = min(BLOCK_K if block_k is None else block_k, t_pow2)
@@ -133,17 +139,24 @@ def _visit(counts_ref, index_ref, body, carry):
   return lax.fori_loop(n_full, n_full + n_partial, lambda n, c: body(index_ref[n], True, c), carry)
 
 
-def _tile(ref, index, size):
+def load_tile(ref, index, size):
+  """Rows index * size ... of `ref`: tile `index` of `size` rows."""
   return ref[pl.ds(pl.multiple_of(index * size, size), size)]
 
 
-def _positions(index, size):
+def tile_positions(index, size):
+  """The row numbers of tile `index` of `size` rows (int32)."""
   return index * size + jnp.arange(size, dtype=jnp.int32)
+
+
+def scaled_logits(q_QD, k_KD):
+  """q k^T / sqrt(K) of one tile, in float32."""
+  return jnp.dot(q_QD, k_KD.T, preferred_element_type=jnp.float32) * q_QD.shape[-1] ** -0.5
 
 
 def _logits(q_QD, k_KD, q_pos_Q, k_pos_K, masked: bool, cfg: KernelConfig):
   """Scaled float32 logits of one tile; the mask applied only when `masked`."""
-  s_QK = jnp.dot(q_QD, k_KD.T, preferred_element_type=jnp.float32) * q_QD.shape[-1] ** -0.5
+  s_QK = scaled_logits(q_QD, k_KD)
   if masked:
     s_QK = jnp.where(visible(cfg.mask, cfg.num_tokens, q_pos_Q, k_pos_K), s_QK, MASK_VALUE)
   return s_QK
@@ -171,11 +184,11 @@ def online_softmax_update(carry, s_QK, v_KD):
 def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
   bq, bk = cfg.block_q, cfg.block_k
   q_QD = q_ref[...]
-  q_pos_Q = _positions(pl.program_id(2), bq)
+  q_pos_Q = tile_positions(pl.program_id(2), bq)
 
   def body(j, masked, carry):
-    k_KD, v_KD = _tile(k_ref, j, bk), _tile(v_ref, j, bk)
-    s_QK = _logits(q_QD, k_KD, q_pos_Q, _positions(j, bk), masked, cfg)
+    k_KD, v_KD = load_tile(k_ref, j, bk), load_tile(v_ref, j, bk)
+    s_QK = _logits(q_QD, k_KD, q_pos_Q, tile_positions(j, bk), masked, cfg)
     return online_softmax_update(carry, s_QK, v_KD)
 
   acc_QD, m_Q, l_Q = _visit(counts_ref, index_ref, body, online_softmax_init(q_QD.shape))
@@ -187,11 +200,11 @@ def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
                *, cfg):
   bq, bk = cfg.block_q, cfg.block_k
   q_QD, do_QD, lse_Q, delta_Q = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-  q_pos_Q = _positions(pl.program_id(2), bq)
+  q_pos_Q = tile_positions(pl.program_id(2), bq)
 
   def body(j, masked, dq_QD):
-    k_KD, v_KD = _tile(k_ref, j, bk), _tile(v_ref, j, bk)
-    p_QK = jnp.exp(_logits(q_QD, k_KD, q_pos_Q, _positions(j, bk), masked, cfg) - lse_Q[:, None])
+    k_KD, v_KD = load_tile(k_ref, j, bk), load_tile(v_ref, j, bk)
+    p_QK = jnp.exp(_logits(q_QD, k_KD, q_pos_Q, tile_positions(j, bk), masked, cfg) - lse_Q[:, None])
     dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
     ds_QK = p_QK * (dp_QK - delta_Q[:, None])
     return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, preferred_element_type=jnp.float32)
@@ -204,13 +217,13 @@ def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
                 dk_ref, dv_ref, *, cfg):
   bq, bk = cfg.block_q, cfg.block_k
   k_KD, v_KD = k_ref[...], v_ref[...]
-  k_pos_K = _positions(pl.program_id(2), bk)
+  k_pos_K = tile_positions(pl.program_id(2), bk)
 
   def body(i, masked, carry):
     dk_KD, dv_KD = carry
-    q_QD, do_QD = _tile(q_ref, i, bq), _tile(do_ref, i, bq)
-    lse_Q, delta_Q = _tile(lse_ref, i, bq), _tile(delta_ref, i, bq)
-    p_QK = jnp.exp(_logits(q_QD, k_KD, _positions(i, bq), k_pos_K, masked, cfg) - lse_Q[:, None])
+    q_QD, do_QD = load_tile(q_ref, i, bq), load_tile(do_ref, i, bq)
+    lse_Q, delta_Q = load_tile(lse_ref, i, bq), load_tile(delta_ref, i, bq)
+    p_QK = jnp.exp(_logits(q_QD, k_KD, tile_positions(i, bq), k_pos_K, masked, cfg) - lse_Q[:, None])
     dv_KD = dv_KD + jnp.dot(p_QK.astype(do_QD.dtype).T, do_QD, preferred_element_type=jnp.float32)
     dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
     ds_QK = p_QK * (dp_QK - delta_Q[:, None])

@@ -8,7 +8,9 @@ step of a sampling loop. The dense version reads all S slots on every step and w
 [B, H, T, S] float32 logits; this kernel reads the filled slots once and writes only the output.
 
 Tiles: queries in tiles of 16 to `BLOCK_Q` rows (T padded; Triton's matmuls need 16), keys in
-tiles of `BLOCK_K` slots, or the largest power of two dividing S. Warps: `default_num_warps`.
+tiles of `BLOCK_K` slots, or the largest power of two dividing S; the last tile read may hold
+up to `block_k` - 1 unfilled slots, masked. Warps: `default_num_warps`. On GPU the kernel
+lowers through Triton (float32 matmuls there may run as TF32); on CPU it runs interpreted.
 """
 
 import dataclasses
@@ -20,8 +22,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from bd3jax.kernels import platform
-from bd3jax.kernels.block_sparse import (DTYPES, MASK_VALUE, call_kernel, default_num_warps,
-                                         online_softmax_init, online_softmax_update)
+from bd3jax.kernels.block_sparse import (DTYPES, MASK_VALUE, call_kernel, check_gpu_build,
+                                         default_num_warps, load_tile, online_softmax_init,
+                                         online_softmax_update, scaled_logits, tile_positions)
 
 BLOCK_Q = 64
 BLOCK_K = 64
@@ -42,21 +45,21 @@ def cache_attention(q_BTHK, k_BHSK, v_BHSK, end, *, block_k: int | None = None,
                     num_warps: int | None = None, interpret: bool | None = None):
   """softmax(q k^T / sqrt(K)) v over the cache slots < min(end, S); [B, T, H, K].
 
-  `end` (traced) is one past the last position written; `block_k` defaults to `BLOCK_K`
+  `end` (traced, >= 1) is one past the last position written; `block_k` defaults to `BLOCK_K`
   (clipped to the largest power of two dividing S), `num_warps` (GPU) to `default_num_warps`,
   `interpret` to True on CPU.
   """
   cfg = decode_config(q_BTHK, k_BHSK, v_BHSK, block_k, num_warps, interpret)
   b, t, h, d = q_BTHK.shape
   q_BTHK = jnp.pad(q_BTHK, ((0, 0), (0, cfg.num_queries - t), (0, 0), (0, 0)))
-  n_valid_1 = jnp.minimum(jnp.asarray(end, jnp.int32), k_BHSK.shape[2]).reshape(1)
-  q_tile = pl.BlockSpec((None, cfg.block_q, None, d), lambda b, h, i: (b, i, h, 0))
-  cache = pl.BlockSpec((None, None, k_BHSK.shape[2], d), lambda b, h, i: (b, h, 0, 0))
+  filled_1 = jnp.minimum(jnp.asarray(end, jnp.int32), k_BHSK.shape[2]).reshape(1)
+  q_spec = pl.BlockSpec((None, cfg.block_q, None, d), lambda b, h, i: (b, i, h, 0))
+  cache_spec = pl.BlockSpec((None, None, k_BHSK.shape[2], d), lambda b, h, i: (b, h, 0, 0))
   o_BTHK = call_kernel(
       functools.partial(_kernel, cfg=cfg), (b, h, cfg.num_queries // cfg.block_q),
-      [pl.BlockSpec((1,), lambda b, h, i: (0,)), q_tile, cache, cache], q_tile,
+      [pl.BlockSpec((1,), lambda b, h, i: (0,)), q_spec, cache_spec, cache_spec], q_spec,
       jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype), "bd3_cache_attention",
-      num_warps=cfg.num_warps, interpret=cfg.interpret)(n_valid_1, q_BTHK, k_BHSK, v_BHSK)
+      num_warps=cfg.num_warps, interpret=cfg.interpret)(filled_1, q_BTHK, k_BHSK, v_BHSK)
   return o_BTHK[:, :t]
 
 
@@ -74,15 +77,10 @@ def decode_config(q_BTHK, k_BHSK, v_BHSK, block_k=None, num_warps=None,
   s = k_BHSK.shape[2]
   interpret = platform.interpret_by_default() if interpret is None else interpret
   block_k = min(BLOCK_K if block_k is None else block_k, s & -s)  # s & -s: 2^(trailing zeros)
-  if block_k & (block_k - 1):
+  if block_k < 1 or block_k & (block_k - 1):
     raise ValueError(f"pallas cache attention tile block_k={block_k} must be a power of two")
   if not interpret:
-    if platform.backend() != "gpu":
-      raise ValueError(f"model.attention 'pallas' compiles for GPU only (backend is "
-                       f"{platform.backend()!r}); use 'dense' elsewhere")
-    if d & (d - 1) or not MIN_TILE <= d <= 256:
-      raise ValueError(f"model.attention 'pallas' on GPU needs a power-of-two head dim in "
-                       f"[16, 256]; got {d} (d_model / n_heads)")
+    check_gpu_build(d, elsewhere="use 'dense' elsewhere")
     if block_k < MIN_TILE:
       raise ValueError(f"model.attention 'pallas' on GPU decodes with a KV cache of a multiple "
                        f"of {MIN_TILE} slots; got {s} (the sample length or context): use "
@@ -94,18 +92,17 @@ def decode_config(q_BTHK, k_BHSK, v_BHSK, block_k=None, num_warps=None,
   return DecodeConfig(-(-t // block_q) * block_q, block_q, block_k, num_warps, interpret)
 
 
-def _kernel(n_valid_ref, q_ref, k_ref, v_ref, o_ref, *, cfg: DecodeConfig):
+def _kernel(filled_ref, q_ref, k_ref, v_ref, o_ref, *, cfg: DecodeConfig):
   bk = cfg.block_k
   q_QD = q_ref[...]
-  n_valid = n_valid_ref[0]
+  filled = filled_ref[0]
 
   def body(j, carry):
-    start = pl.multiple_of(j * bk, bk)
-    k_KD, v_KD = k_ref[pl.ds(start, bk)], v_ref[pl.ds(start, bk)]
-    s_QK = jnp.dot(q_QD, k_KD.T, preferred_element_type=jnp.float32) * q_QD.shape[-1] ** -0.5
-    filled_K = start + jnp.arange(bk, dtype=jnp.int32) < n_valid
-    return online_softmax_update(carry, jnp.where(filled_K[None, :], s_QK, MASK_VALUE), v_KD)
+    k_KD, v_KD = load_tile(k_ref, j, bk), load_tile(v_ref, j, bk)
+    filled_K = tile_positions(j, bk) < filled
+    s_QK = jnp.where(filled_K[None, :], scaled_logits(q_QD, k_KD), MASK_VALUE)
+    return online_softmax_update(carry, s_QK, v_KD)
 
-  n_tiles = (n_valid + bk - 1) // bk
+  n_tiles = (filled + bk - 1) // bk
   acc_QD, _, l_Q = lax.fori_loop(0, n_tiles, body, online_softmax_init(q_QD.shape))
   o_ref[...] = (acc_QD / l_Q[:, None]).astype(o_ref.dtype)

@@ -11,8 +11,10 @@ Under a device mesh (`jax.set_mesh`) `pallas` and `splash` run on each device's 
 and heads (`shard_map`, axes from `logical_axes`): a kernel is opaque to XLA's partitioner,
 which would otherwise gather q, k and v onto every device and repeat the whole attention there.
 KV-cache decoding writes into a heads-major ring buffer of S slots and attends over its filled
-slots: with `pallas` through bd3jax's decode kernel (`kernels/decode.py`, which reads only those
-slots), with every other implementation densely over all S (`dense_cache_attention`).
+slots: with `pallas` through bd3jax's decode kernel (`kernels/decode.py`, which reads only the
+key tiles that hold filled slots), with every other implementation densely over all S
+(`dense_cache_attention`). The sampler runs on one device, so decoding calls the kernel
+directly, without the per-shard wrapping.
 """
 
 import functools

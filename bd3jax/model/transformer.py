@@ -128,13 +128,13 @@ def inference_params(cfg: ModelConfig, params):
   """
   dtype = jnp.dtype(cfg.dtype)
 
-  def cast(path, leaf):
+  def cast(path, leaf):  # path: (outer module, layer, parameter) of an unboxed leaf
     names = [getattr(key, "key", None) for key in path]
     in_matmul = len(names) == 3 and (
         (str(names[0]).startswith("blocks_") and names[1] in _MATMUL_LAYERS) or
         names[:2] == ["output_layer", "linear"])
     return leaf.astype(dtype) if in_matmul else leaf
-  return jax.tree_util.tree_map_with_path(cast, params)
+  return jax.tree_util.tree_map_with_path(cast, nn.unbox(params))
 
 
 def _modulate(x_BTD, shift_B1D, scale_B1D):
