@@ -28,8 +28,7 @@ def evaluate(eval_step, params, batches, *, seed: int, draws: int = 1) -> dict:
   its perplexity, `nelbo_se` (the standard error of the mean over draws; 0 for one draw),
   `block_nelbo_var` (the variance across sequences of each block's NELBO, summed over blocks,
   averaged over draws), the scored tokens per draw and tokens/s (wall clock, a first call's
-  compile included). The t draws depend only on
-  `seed`, the batch index and the draw.
+  compile included). The t draws depend only on `seed`, the batch index and the draw.
   """
   if draws < 1:
     raise ValueError(f"draws {draws} must be at least 1")

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jax_helpers  # noqa: E402
 import tiny_config  # noqa: E402
 from bd3jax import metrics, parallel, run, train  # noqa: E402
 from bd3jax.data import demo_documents  # noqa: E402
@@ -113,17 +114,11 @@ def check_steps() -> dict:
   return out
 
 
-def kernel_operand_sizes(jaxpr, sizes):
+def kernel_operand_sizes(jaxpr) -> list[int]:
   """Element counts of the floating-point operands of every Pallas call, nested jaxprs too."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      sizes += [v.aval.size for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          kernel_operand_sizes(sub, sizes)
-  return sizes
+  return [v.aval.size for eqn in jax_helpers.equations(jaxpr)
+          if eqn.primitive.name == "pallas_call"
+          for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
 
 
 def check_kernels() -> dict:
@@ -136,9 +131,8 @@ def check_kernels() -> dict:
                  for key in jax.random.split(jax.random.key(0), 4))
 
   def value_and_grads(implementation, q, k, v, do):
-    o, vjp = jax.vjp(functools.partial(attention, mask=mask, implementation=implementation),
-                     q, k, v)
-    return (o, *vjp(do))
+    attend = functools.partial(attention, mask=mask, implementation=implementation)
+    return jax_helpers.value_and_grads(attend, q, k, v, do)
 
   ref = jax.jit(functools.partial(value_and_grads, "dense"))(q, k, v, do)
   out = {"q_size": q.size}
@@ -148,7 +142,7 @@ def check_kernels() -> dict:
       args = [jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")))
               for x in (q, k, v, do)]
       got = fn(*args)
-      sizes = kernel_operand_sizes(jax.make_jaxpr(fn)(*args).jaxpr, [])
+      sizes = kernel_operand_sizes(jax.make_jaxpr(fn)(*args).jaxpr)
     out[implementation] = {"max_abs_diff": max_abs_diff(got, ref),
                            "max_operand_size": max(sizes, default=0)}
 

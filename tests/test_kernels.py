@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import jax_helpers
 import tiny_config
 from conftest import MASK_ID, random_params, random_tokens, tiny_model
 from jax import export
@@ -26,11 +27,7 @@ def qkv_and_cotangent(seed, shape, dtype):
   return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys]
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def value_and_grads(attend, q, k, v, do):
-  """The output and (dq, dk, dv) of sum(attend(q, k, v) * do)."""
-  o, vjp = jax.vjp(attend, q, k, v)
-  return o, vjp(do)
+value_and_grads = jax.jit(jax_helpers.value_and_grads, static_argnums=(0,))
 
 
 def relative_error(a, b):

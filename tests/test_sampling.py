@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import jax_helpers
 from conftest import MASK_ID, VOCAB, apply_fn, random_params, tiny_model
 
 from bd3jax import sampling
@@ -222,17 +223,9 @@ def test_inference_params_change_no_output_bit():
 
 def bf16_casts(jaxpr) -> set:
   """Shapes of the float32 values a jaxpr (and its sub-jaxprs) casts to bfloat16."""
-  shapes = set()
-  for eqn in jaxpr.eqns:
-    if (eqn.primitive.name == "convert_element_type" and eqn.invars[0].aval.dtype == jnp.float32
-        and eqn.params["new_dtype"] == jnp.bfloat16):
-      shapes.add(eqn.invars[0].aval.shape)
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          shapes |= bf16_casts(sub)
-  return shapes
+  return {eqn.invars[0].aval.shape for eqn in jax_helpers.equations(jaxpr)
+          if eqn.primitive.name == "convert_element_type"
+          and eqn.invars[0].aval.dtype == jnp.float32 and eqn.params["new_dtype"] == jnp.bfloat16}
 
 
 class CheckedNetwork:
