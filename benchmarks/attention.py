@@ -1,22 +1,23 @@
 """Speed of the attention implementations under the BD3 training mask, forward and backward.
 
   python benchmarks/attention.py     # batch 16, 12 heads, 2L = 2048, head dim 64, L' 16, bf16
-  python benchmarks/attention.py --impls=pallas,cudnn,xla --block_q=128 --block_k=64 --num_warps=8
+  python benchmarks/attention.py --impls=pallas,cudnn --pallas=default,128x64:8,128x64:8:3
   python benchmarks/attention.py --batch=1 --heads=2 --length=64 --impls=dense,xla,pallas \
-      --steps=3 --warmup=1                                  # a CPU smoke run (pallas interpreted)
+      --steps=3 --warmup=1 --calls=1                                 # a CPU smoke run (pallas interpreted)
 
 Prints one JSON line per (implementation, pass). Conventions:
 - inputs: q, k, v, dO ~ N(0, 1) in `--dtype`, shape [batch, 2L, heads, head_dim], one fixed
   draw already on device; the mask is `AttentionMask(TRAINING, L, L')`, i.e. the 2L x 2L
   training mask of x_t ⊕ x_0; every implementation goes through `bd3jax.model.attention`
   (`cudnn` and `xla` are `jax.nn.dot_product_attention` with the dense [2L, 2L] mask), except
-  that `pallas` calls `block_sparse_attention` itself with `--block_q`/`--block_k` tiles and
-  `--num_warps`.
+  that `pallas` calls `block_sparse_attention` itself, once per entry of `--pallas`:
+  `default` (the kernel's defaults) or BLOCK_QxBLOCK_K[:WARPS[:STAGES]], e.g. 128x64:8:3.
 - "fwd" times `attention(q, k, v)`; "fwd_bwd" times the output and (dq, dk, dv) of
   sum(attention(q, k, v) * dO) through `jax.vjp`; both jitted, nothing donated.
 - timing (`benchmarks/common.time_calls`): the first call compiles (`compile_s`), `--warmup`
-  calls in all before timing, then the median of `--steps` calls, each ended by
-  `jax.block_until_ready`; `ms` is that median.
+  calls in all before timing, then `--steps` samples of `--calls` back-to-back calls, each
+  sample ended by `jax.block_until_ready`; `ms` is the median sample over `--calls` (so the
+  host's dispatch overlaps the device's work, as in a training step), `min_ms` the fastest.
 - max_abs_err: of the fwd output against `dense` run in float32 on the same values, checked
   after the fwd timing (bf16 rounding alone gives about 1e-2); grad_rel_err (fwd_bwd): the
   largest max|g - g_ref| / max|g_ref| over dq, dk and dv against the same float32 `dense`.
@@ -49,11 +50,11 @@ _LENGTH = flags.DEFINE_integer("length", 1024, "L; attention runs over 2L tokens
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "L', the diffusion block size.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension K.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q, k, v dtype.")
-_BLOCK_Q = flags.DEFINE_integer("block_q", block_sparse.BLOCK_Q, "pallas query tile.")
-_BLOCK_K = flags.DEFINE_integer("block_k", block_sparse.BLOCK_K, "pallas key tile.")
-_NUM_WARPS = flags.DEFINE_integer("num_warps", None,
-                                  "pallas warps per program (default: default_num_warps).")
-_STEPS = flags.DEFINE_integer("steps", 50, "Timed calls per measurement.")
+_PALLAS = flags.DEFINE_list(
+    "pallas", ["default"], "pallas settings to time: 'default' or BLOCK_QxBLOCK_K[:WARPS[:STAGES]] "
+    "(warps default to default_num_warps, stages to NUM_STAGES).")
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed samples per measurement.")
+_CALLS = flags.DEFINE_integer("calls", 10, "Back-to-back calls per timed sample.")
 _WARMUP = flags.DEFINE_integer("warmup", 5,
                                "Untimed calls before timing, the compiling one included.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random inputs.")
@@ -65,13 +66,14 @@ def main(argv):
   unknown = sorted(set(_IMPLS.value) - set(IMPLEMENTATIONS))
   if unknown:
     raise app.UsageError(f"--impls {unknown} not among {IMPLEMENTATIONS}")
+  settings = [pallas_setting(text) for text in _PALLAS.value]
   mask = AttentionMask(MaskKind.TRAINING, _LENGTH.value, _BLOCK_SIZE.value)
   t = mask.num_tokens
   shape = (_BATCH.value, t, _HEADS.value, _HEAD_DIM.value)
   keys = jax.random.split(jax.random.key(_SEED.value), 4)
   q, k, v, do = (jax.random.normal(key, shape, jnp.float32).astype(_DTYPE.value) for key in keys)
   dense = lambda q, k, v: attention(q, k, v, mask, "dense")
-  reference = jax.jit(functools.partial(_value_and_grads, dense))(
+  reference = jax.jit(functools.partial(common.value_and_grads, dense))(
       *(x.astype(jnp.float32) for x in (q, k, v, do)))
   fwd_flops = 4 * _BATCH.value * _HEADS.value * int(mask.dense().sum()) * _HEAD_DIM.value
   shared = {"benchmark": "attention", "batch": _BATCH.value, "heads": _HEADS.value,
@@ -79,34 +81,55 @@ def main(argv):
             "dtype": _DTYPE.value, "mask_density": float(mask.dense().mean()),
             **common.device_summary(), "steps": _STEPS.value, "warmup": _WARMUP.value}
 
-  for impl in _IMPLS.value:
+  runs = [(impl, setting) for impl in _IMPLS.value
+          for setting in (settings if impl == "pallas" else [None])]
+  for impl, setting in runs:
     try:
-      _measure(impl, mask, (q, k, v, do), reference, fwd_flops, {**shared, "impl": impl})
+      _measure(impl, setting, mask, (q, k, v, do), reference, fwd_flops, {**shared, "impl": impl})
     except Exception as e:  # report and go on with the next implementation
-      common.emit({**shared, "impl": impl,
+      common.emit({**shared, "impl": impl, "setting": setting,
                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
 
 
-def _measure(impl, mask, inputs, reference, fwd_flops, record):
+def pallas_setting(text: str) -> dict:
+  """{} for 'default', else block_q, block_k and optionally num_warps, num_stages from
+  'QxK[:W[:S]]'."""
+  if text == "default":
+    return {}
+  try:
+    tile, *rest = text.split(":")
+    block_q, block_k = (int(n) for n in tile.split("x"))
+    setting = {"block_q": block_q, "block_k": block_k}
+    setting.update(zip(("num_warps", "num_stages"), (int(n) for n in rest), strict=False))
+  except ValueError:
+    raise app.UsageError(f"--pallas entry {text!r} is not 'default' or "
+                         "BLOCK_QxBLOCK_K[:WARPS[:STAGES]]") from None
+  if len(rest) > 2:
+    raise app.UsageError(f"--pallas entry {text!r} has more than warps and stages")
+  return setting
+
+
+def _measure(impl, setting, mask, inputs, reference, fwd_flops, record):
   q, k, v, do = inputs
   if impl == "pallas":
-    cfg = block_sparse.kernel_config(q, k, v, mask, _BLOCK_Q.value, _BLOCK_K.value,
-                                     _NUM_WARPS.value)
+    cfg = block_sparse.kernel_config(q, k, v, mask, **setting)
     rows, _ = tiles.kernel_tiles(mask, cfg.num_tokens, cfg.block_q, cfg.block_k)
     n_tiles = (cfg.num_tokens // cfg.block_q) * (cfg.num_tokens // cfg.block_k)
     record.update(block_q=cfg.block_q, block_k=cfg.block_k, num_warps=cfg.num_warps,
-                  tile_fraction=float(rows.counts_N2.sum() / n_tiles))
+                  num_stages=cfg.num_stages, tile_fraction=float(rows.counts_N2.sum() / n_tiles))
     attend = lambda q, k, v: block_sparse.block_sparse_attention(
-        q, k, v, mask, block_q=cfg.block_q, block_k=cfg.block_k, num_warps=cfg.num_warps)
+        q, k, v, mask, block_q=cfg.block_q, block_k=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
   else:
     attend = lambda q, k, v: attention(q, k, v, mask, impl)
 
-  fwd, fwd_bwd = jax.jit(attend), jax.jit(functools.partial(_value_and_grads, attend))
+  fwd, fwd_bwd = jax.jit(attend), jax.jit(functools.partial(common.value_and_grads, attend))
   o_ref, grads_ref = reference
   errors = {}
   for name, fn, args, flops in (("fwd", fwd, (q, k, v), fwd_flops),
                                 ("fwd_bwd", fwd_bwd, (q, k, v, do), 3.5 * fwd_flops)):
-    compile_s, times = common.time_calls(fn, *args, warmup=_WARMUP.value, steps=_STEPS.value)
+    compile_s, times = common.time_calls(fn, *args, warmup=_WARMUP.value, steps=_STEPS.value,
+                                         calls=_CALLS.value)
     if name == "fwd":
       errors["max_abs_err"] = float(jnp.abs(fwd(q, k, v).astype(jnp.float32) - o_ref).max())
     else:
@@ -116,12 +139,6 @@ def _measure(impl, mask, inputs, reference, fwd_flops, record):
     seconds = common.median(times)
     common.emit({**record, "pass": name, "ms": 1e3 * seconds, "min_ms": 1e3 * min(times),
                  "compile_s": compile_s, "tflops_per_s": flops / seconds / 1e12, **errors})
-
-
-def _value_and_grads(attend, q, k, v, do):
-  """The output and (dq, dk, dv) of sum(attend(q, k, v) * do)."""
-  o, vjp = jax.vjp(attend, q, k, v)
-  return o, vjp(do)
 
 
 if __name__ == "__main__":

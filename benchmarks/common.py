@@ -40,8 +40,9 @@ def time_train_steps(step_fn, state, batch, *, warmup: int, steps: int):
   return state, compile_s, times, time.process_time() - cpu0
 
 
-def time_calls(fn, *args, warmup: int, steps: int):
-  """Times `fn(*args)` (nothing donated). Returns (compile_s, seconds of each timed call)."""
+def time_calls(fn, *args, warmup: int, steps: int, calls: int = 1):
+  """Times `fn(*args)` (nothing donated). Returns (compile_s, seconds per call of each of the
+  `steps` samples); a sample is `calls` back-to-back calls ended by one block_until_ready."""
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))
   compile_s = time.perf_counter() - t0
@@ -50,9 +51,15 @@ def time_calls(fn, *args, warmup: int, steps: int):
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+    jax.block_until_ready([fn(*args) for _ in range(calls)])
+    times.append((time.perf_counter() - t0) / calls)
   return compile_s, times
+
+
+def value_and_grads(attend, q, k, v, do):
+  """The output and (dq, dk, dv) of sum(attend(q, k, v) * do)."""
+  o, vjp = jax.vjp(attend, q, k, v)
+  return o, vjp(do)
 
 
 def median(xs):

@@ -9,8 +9,8 @@ Prints one JSON line. Conventions:
 - train step: `train.jit_train_step(task)` (AdamW, grad clipping, EMA; the state donated),
   on one device, one fixed batch of uniform random ids in [0, vocab_size - 1) already on
   device; mask id = vocab_size - 1. No data pipeline, logging or checkpointing.
-- eval step: `train.jit_eval_step` of the evaluation task (t ~ U[1e-3, 1], no resampling,
-  no dropout) on the same batch.
+- eval step (unless `--noeval`): `train.jit_eval_step` of the evaluation task (t ~ U[1e-3, 1],
+  no resampling, no dropout) on the same batch.
 - timing: first call = compile (`compile_s`), `--warmup` calls in all before timing, then
   the median over `--steps` calls, each ended by `jax.block_until_ready`.
 - tokens_per_s = batch * L / step time (tokens of the L-long sequences, not the 2L the
@@ -48,6 +48,7 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed calls of each step.")
 _WARMUP = flags.DEFINE_integer("warmup", 3,
                                "Untimed calls before timing, the compiling one included.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tokens.")
+_EVAL = flags.DEFINE_bool("eval", True, "Also time the eval step (a second compilation).")
 
 
 def main(argv):
@@ -66,12 +67,15 @@ def main(argv):
       step_fn, state, batch, warmup=_WARMUP.value, steps=_STEPS.value)
   step_s = common.median(times)
 
-  eval_fn = train.jit_eval_step(evaluate.eval_task(task))
-  eval_compile_s, eval_times = common.time_calls(
-      eval_fn, state.params, x0_BL, jax.random.key(1), warmup=_WARMUP.value, steps=_STEPS.value)
-  eval_s = common.median(eval_times)
-
   tokens = batch_size * config.length
+  evaluation = {}
+  if _EVAL.value:
+    eval_fn = train.jit_eval_step(evaluate.eval_task(task))
+    eval_compile_s, eval_times = common.time_calls(
+        eval_fn, state.params, x0_BL, jax.random.key(1), warmup=_WARMUP.value, steps=_STEPS.value)
+    eval_s = common.median(eval_times)
+    evaluation = {"eval_compile_s": eval_compile_s, "eval_step_ms": 1e3 * eval_s,
+                  "eval_tokens_per_s": tokens / eval_s}
   common.emit({
       "benchmark": "train_step",
       **common.config_summary(config, batch_size, vocab),
@@ -81,9 +85,7 @@ def main(argv):
       "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
       "tokens_per_s": tokens / step_s,
       **common.throughput(task, batch_size, step_s),
-      "eval_compile_s": eval_compile_s,
-      "eval_step_ms": 1e3 * eval_s,
-      "eval_tokens_per_s": tokens / eval_s,
+      **evaluation,
       "peak_memory_gib": common.peak_memory_gib(),
       "flop_convention": common.flop_convention(),
   })

@@ -1,6 +1,7 @@
 """The Pallas attention kernels, interpreted on CPU, against the dense masked reference."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,19 @@ def test_dispatch_and_errors():
     block_sparse_attention(q, k, v, AttentionMask(TRAINING, 4, 4))
   with pytest.raises(ValueError, match="float32 or all bfloat16"):
     block_sparse_attention(q, k.astype(jnp.bfloat16), v, mask)
+  with pytest.raises(ValueError, match="num_stages=0"):
+    block_sparse_attention(q, k, v, mask, num_stages=0)
+
+
+@pytest.mark.parametrize("backend, dtype, head_dim, chosen", [
+    ("gpu", jnp.bfloat16, 64, "pallas"), ("gpu", jnp.float32, 128, "pallas"),
+    ("gpu", jnp.bfloat16, 48, "xla"), ("gpu", jnp.bfloat16, 512, "xla"),
+    ("gpu", jnp.float16, 64, "cudnn"), ("tpu", jnp.bfloat16, 64, "splash"),
+    ("cpu", jnp.bfloat16, 64, "dense")])
+def test_auto_choice_per_backend(monkeypatch, backend, dtype, head_dim, chosen):
+  monkeypatch.setattr(platform, "backend", lambda: backend)
+  module = importlib.import_module("bd3jax.model.attention")  # the package exports the function
+  assert module._auto(dtype, head_dim) == chosen
 
 
 def query_and_cache(seed, batch, t, heads, slots, head_dim, dtype):

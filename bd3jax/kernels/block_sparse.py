@@ -14,8 +14,9 @@
 Tiles: `BLOCK_Q` = `BLOCK_K` = 64 by default (clipped to T rounded up to a power of two).
 At L = 1024, L' = 16 the non-empty 64 x 64 tiles cover 28.1% of the 2L x 2L matrix (the mask
 itself 25.4%), against 31.2% for 128-wide tiles. Tile sizes must be powers of two (Triton); T
-is padded to a multiple of both (`tiles.padded_mask`). Warps: `default_num_warps`. Neither is
-tuned by timing yet: benchmarks/attention.py takes `--block_q/--block_k/--num_warps`. On GPU
+is padded to a multiple of both (`tiles.padded_mask`). Warps: `default_num_warps`. At the
+reference shape on an H200 (bf16, head dim 64) these defaults, with `NUM_STAGES`, were the
+fastest of eight settings forward and backward (README; benchmarks/attention.py --pallas). On GPU
 the kernels lower through Triton (float32 matmuls there may run as TF32); on CPU they run
 interpreted.
 """
@@ -48,18 +49,22 @@ class KernelConfig:
   block_q: int
   block_k: int
   num_warps: int
+  num_stages: int
   interpret: bool
 
 
 def block_sparse_attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, *,
                            block_q: int | None = None, block_k: int | None = None,
-                           num_warps: int | None = None, interpret: bool | None = None):
+                           num_warps: int | None = None, num_stages: int = NUM_STAGES,
+                           interpret: bool | None = None):
   """softmax(q k^T / sqrt(K) + mask) v over T = mask.num_tokens tokens, block-sparse.
 
   `block_q`/`block_k` default to `BLOCK_Q`/`BLOCK_K`, `num_warps` (GPU) to
-  `default_num_warps`; `interpret` defaults to True on CPU. Differentiable in q, k and v.
+  `default_num_warps`; `num_stages` is Triton's software-pipelining depth of the key loop;
+  `interpret` defaults to True on CPU. Differentiable in q, k and v.
   """
-  cfg = kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q, block_k, num_warps, interpret)
+  cfg = kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q, block_k, num_warps, interpret,
+                      num_stages)
   t = q_BTHK.shape[1]
   pad = lambda x_BTHK: jnp.pad(x_BTHK, ((0, 0), (0, cfg.num_tokens - t), (0, 0), (0, 0)))
   return _attention(pad(q_BTHK), pad(k_BTHK), pad(v_BTHK), cfg)[:, :t]
@@ -76,19 +81,24 @@ def default_num_warps(head_dim: int, dtype) -> int:
   return 4 if head_dim <= 64 and jnp.dtype(dtype) == jnp.bfloat16 else 8
 
 
+def buildable_head_dim(head_dim: int) -> bool:
+  """Whether Triton builds the kernels for this head dim: a power of two in [16, 256]."""
+  return not head_dim & (head_dim - 1) and 16 <= head_dim <= 256
+
+
 def check_gpu_build(head_dim: int, *, elsewhere: str) -> None:
   """Raises unless a Triton build can run: a GPU backend, a power-of-two head dim in [16, 256].
   `elsewhere` tells what to use on other backends."""
   if platform.backend() != "gpu":
     raise ValueError(f"model.attention 'pallas' compiles for GPU only (backend is "
                      f"{platform.backend()!r}); {elsewhere}")
-  if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+  if not buildable_head_dim(head_dim):
     raise ValueError(f"model.attention 'pallas' on GPU needs a power-of-two head dim in "
                      f"[16, 256]; got {head_dim} (d_model / n_heads)")
 
 
 def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_warps=None,
-                  interpret=None) -> KernelConfig:
+                  interpret=None, num_stages=NUM_STAGES) -> KernelConfig:
   """Checks the inputs and settles tiles, warps, padded length and interpret mode."""
   if not q_BTHK.shape == k_BTHK.shape == v_BTHK.shape or q_BTHK.ndim != 4:
     raise ValueError(f"pallas attention needs q, k, v of one shape [B, T, H, K]; got "
@@ -111,8 +121,11 @@ def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_
   num_warps = default_num_warps(head_dim, q_BTHK.dtype) if num_warps is None else num_warps
   if num_warps not in (1, 2, 4, 8, 16):
     raise ValueError(f"pallas attention num_warps={num_warps} must be 1, 2, 4, 8 or 16")
+  if num_stages < 1:
+    raise ValueError(f"pallas attention num_stages={num_stages} must be at least 1")
   step = max(block_q, block_k)
-  return KernelConfig(mask, -(-t // step) * step, block_q, block_k, num_warps, interpret)
+  return KernelConfig(mask, -(-t // step) * step, block_q, block_k, num_warps, num_stages,
+                      interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -256,10 +269,10 @@ def _list_args(lists):
 
 
 def call_kernel(kernel, grid, in_specs, out_specs, out_shape, name, *, num_warps: int,
-                interpret: bool):
-  """`pl.pallas_call` with this package's Triton settings (warps, `NUM_STAGES`)."""
+                interpret: bool, num_stages: int = NUM_STAGES):
+  """`pl.pallas_call` with this package's Triton settings (warps, pipelining stages)."""
   params = None if interpret else plgpu.CompilerParams(num_warps=num_warps,
-                                                       num_stages=NUM_STAGES)
+                                                       num_stages=num_stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, interpret=interpret, compiler_params=params,
                         name=name)
@@ -267,7 +280,8 @@ def call_kernel(kernel, grid, in_specs, out_specs, out_shape, name, *, num_warps
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
   return call_kernel(functools.partial(kernel, cfg=cfg), grid, in_specs, out_specs, out_shape,
-                     name, num_warps=cfg.num_warps, interpret=cfg.interpret)
+                     name, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     interpret=cfg.interpret)
 
 
 def forward(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):
