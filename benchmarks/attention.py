@@ -3,7 +3,7 @@
   python benchmarks/attention.py     # batch 16, 12 heads, 2L = 2048, head dim 64, L' 16, bf16
   python benchmarks/attention.py --impls=pallas,cudnn --pallas=default,128x64:8,128x64:8:3
   python benchmarks/attention.py --batch=1 --heads=2 --length=64 --impls=dense,xla,pallas \
-      --steps=3 --warmup=1 --calls=1                                 # a CPU smoke run (pallas interpreted)
+      --steps=3 --warmup=1 --calls=1          # a CPU smoke run (pallas interpreted)
 
 Prints one JSON line per (implementation, pass). Conventions:
 - inputs: q, k, v, dO ~ N(0, 1) in `--dtype`, shape [batch, 2L, heads, head_dim], one fixed
