@@ -88,7 +88,7 @@ def main(argv):
       _measure(impl, setting, mask, (q, k, v, do), reference, fwd_flops, {**shared, "impl": impl})
     except Exception as e:  # report and go on with the next implementation
       common.emit({**shared, "impl": impl, "setting": setting,
-                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+                   "error": common.error_text(e)})
 
 
 def pallas_setting(text: str) -> dict:

@@ -62,6 +62,11 @@ def value_and_grads(attend, q, k, v, do):
   return o, vjp(do)
 
 
+def error_text(e: Exception) -> str:
+  """An exception as one short line for a JSON record: its type and first line."""
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
 def median(xs):
   return statistics.median(xs)
 

@@ -90,7 +90,7 @@ def _check(record, dtype, errors):
     record["ok"] = (record["max_abs_err"] <= out_tol and
                     record.get("grad_rel_err", 0.0) <= grad_tol)
   except Exception as e:  # report and go on with the next case
-    record.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    record.update(ok=False, error=common.error_text(e))
   common.emit(record)
   return record
 

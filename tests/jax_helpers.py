@@ -1,12 +1,6 @@
 """Helpers shared by the test modules and tests/multidevice_checks.py."""
 
-import jax
-
-
-def value_and_grads(attend, q, k, v, do):
-  """The output and (dq, dk, dv) of sum(attend(q, k, v) * do)."""
-  o, vjp = jax.vjp(attend, q, k, v)
-  return o, vjp(do)
+from benchmarks.common import value_and_grads  # noqa: F401  (the benchmarks' own, shared)
 
 
 def equations(jaxpr):

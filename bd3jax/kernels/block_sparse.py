@@ -97,6 +97,15 @@ def check_gpu_build(head_dim: int, *, elsewhere: str) -> None:
                      f"[16, 256]; got {head_dim} (d_model / n_heads)")
 
 
+def check_tiles_and_warps(kernel: str, num_warps: int, **tiles: int) -> None:
+  """Raises unless every tile size is a power of two and `num_warps` one Triton accepts."""
+  for name, block in tiles.items():
+    if block < 1 or block & (block - 1):
+      raise ValueError(f"{kernel} tile {name}={block} must be a power of two")
+  if num_warps not in (1, 2, 4, 8, 16):
+    raise ValueError(f"{kernel} num_warps={num_warps} must be 1, 2, 4, 8 or 16")
+
+
 def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_warps=None,
                   interpret=None, num_stages=NUM_STAGES) -> KernelConfig:
   """Checks the inputs and settles tiles, warps, padded length and interpret mode."""
@@ -115,12 +124,8 @@ def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_
   t_pow2 = 1 << (t - 1).bit_length()
   block_q = min(BLOCK_Q if block_q is None else block_q, t_pow2)
   block_k = min(BLOCK_K if block_k is None else block_k, t_pow2)
-  for name, block in (("block_q", block_q), ("block_k", block_k)):
-    if block < 1 or block & (block - 1):
-      raise ValueError(f"pallas attention tile {name}={block} must be a power of two")
   num_warps = default_num_warps(head_dim, q_BTHK.dtype) if num_warps is None else num_warps
-  if num_warps not in (1, 2, 4, 8, 16):
-    raise ValueError(f"pallas attention num_warps={num_warps} must be 1, 2, 4, 8 or 16")
+  check_tiles_and_warps("pallas attention", num_warps, block_q=block_q, block_k=block_k)
   if num_stages < 1:
     raise ValueError(f"pallas attention num_stages={num_stages} must be at least 1")
   step = max(block_q, block_k)
@@ -217,7 +222,8 @@ def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 
   def body(j, masked, dq_QD):
     k_KD, v_KD = load_tile(k_ref, j, bk), load_tile(v_ref, j, bk)
-    p_QK = jnp.exp(_logits(q_QD, k_KD, q_pos_Q, tile_positions(j, bk), masked, cfg) - lse_Q[:, None])
+    s_QK = _logits(q_QD, k_KD, q_pos_Q, tile_positions(j, bk), masked, cfg)
+    p_QK = jnp.exp(s_QK - lse_Q[:, None])
     dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
     ds_QK = p_QK * (dp_QK - delta_Q[:, None])
     return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, preferred_element_type=jnp.float32)
@@ -236,7 +242,8 @@ def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
     dk_KD, dv_KD = carry
     q_QD, do_QD = load_tile(q_ref, i, bq), load_tile(do_ref, i, bq)
     lse_Q, delta_Q = load_tile(lse_ref, i, bq), load_tile(delta_ref, i, bq)
-    p_QK = jnp.exp(_logits(q_QD, k_KD, tile_positions(i, bq), k_pos_K, masked, cfg) - lse_Q[:, None])
+    s_QK = _logits(q_QD, k_KD, tile_positions(i, bq), k_pos_K, masked, cfg)
+    p_QK = jnp.exp(s_QK - lse_Q[:, None])
     dv_KD = dv_KD + jnp.dot(p_QK.astype(do_QD.dtype).T, do_QD, preferred_element_type=jnp.float32)
     dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
     ds_QK = p_QK * (dp_QK - delta_Q[:, None])

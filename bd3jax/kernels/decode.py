@@ -23,8 +23,9 @@ from jax.experimental import pallas as pl
 
 from bd3jax.kernels import platform
 from bd3jax.kernels.block_sparse import (DTYPES, MASK_VALUE, call_kernel, check_gpu_build,
-                                         default_num_warps, load_tile, online_softmax_init,
-                                         online_softmax_update, scaled_logits, tile_positions)
+                                         check_tiles_and_warps, default_num_warps, load_tile,
+                                         online_softmax_init, online_softmax_update,
+                                         scaled_logits, tile_positions)
 
 BLOCK_Q = 64
 BLOCK_K = 64
@@ -77,8 +78,8 @@ def decode_config(q_BTHK, k_BHSK, v_BHSK, block_k=None, num_warps=None,
   s = k_BHSK.shape[2]
   interpret = platform.interpret_by_default() if interpret is None else interpret
   block_k = min(BLOCK_K if block_k is None else block_k, s & -s)  # s & -s: 2^(trailing zeros)
-  if block_k < 1 or block_k & (block_k - 1):
-    raise ValueError(f"pallas cache attention tile block_k={block_k} must be a power of two")
+  num_warps = default_num_warps(d, q_BTHK.dtype) if num_warps is None else num_warps
+  check_tiles_and_warps("pallas cache attention", num_warps, block_k=block_k)
   if not interpret:
     check_gpu_build(d, elsewhere="use 'dense' elsewhere")
     if block_k < MIN_TILE:
@@ -86,9 +87,6 @@ def decode_config(q_BTHK, k_BHSK, v_BHSK, block_k=None, num_warps=None,
                        f"of {MIN_TILE} slots; got {s} (the sample length or context): use "
                        f"model.attention='dense' to sample it")
   block_q = min(BLOCK_Q, max(MIN_TILE, 1 << (t - 1).bit_length()))
-  num_warps = default_num_warps(d, q_BTHK.dtype) if num_warps is None else num_warps
-  if num_warps not in (1, 2, 4, 8, 16):
-    raise ValueError(f"pallas cache attention num_warps={num_warps} must be 1, 2, 4, 8 or 16")
   return DecodeConfig(-(-t // block_q) * block_q, block_q, block_k, num_warps, interpret)
 
 
