@@ -162,7 +162,8 @@ def nucleus_filter(logits_BKV, p: float):
   with the least probable of them).
 
   The cutoff probability is found without a sort: bisection on its float32 bit pattern (order-
-  preserving for non-negative floats), 32 masked sums over the vocabulary, exact.
+  preserving for non-negative floats), 32 masked sums over the vocabulary, exact. Unrolled: a
+  loop inside a denoising step would run from the host on GPU, outside XLA's CUDA graphs.
   """
   if p >= 1.0:
     return logits_BKV
@@ -174,7 +175,8 @@ def nucleus_filter(logits_BKV, p: float):
     reaches = jnp.sum(jnp.where(bits >= mid, probs, 0.0), axis=-1, keepdims=True) >= p
     return jnp.where(reaches, mid, lo), jnp.where(reaches, hi, mid)
   lo = jnp.zeros(probs.shape[:-1] + (1,), jnp.int32)
-  cutoff, _ = jax.lax.fori_loop(0, 32, bisect, (lo, bits.max(axis=-1, keepdims=True) + 1))
+  cutoff, _ = jax.lax.fori_loop(0, 32, bisect, (lo, bits.max(axis=-1, keepdims=True) + 1),
+                                unroll=True)
   return jnp.where(bits >= cutoff, logits_BKV, -jnp.inf)
 
 

@@ -2,6 +2,7 @@
 # The GPU benchmark set in one run: a kernel check, attention, the train step and the sampler.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR [PART ...]]   # PART: check, attention, train_step, sampler
+#   bash benchmarks/gpu.sh out train_step:pallas sampler:pallas,dense   # PART:IMPLS
 #
 # Writes OUT_DIR/PART.jsonl (one JSON line per measurement) and OUT_DIR/PART.log (stderr),
 # then prints a summary table. OUT_DIR defaults to bench_out, the parts to all four. Each
@@ -12,13 +13,19 @@
 # - attention: the reference shape (batch 16, 12 heads, 2L = 2048, head dim 64, L' = 16, bf16)
 #   with pallas (the default tiles and a sweep of tiles, warps and stages), cudnn and xla, in
 #   one process (37 s on an H200 for eight pallas settings and cudnn, 2026-11-27);
-# - train_step: the small model (configs/base.py) with pallas and cudnn attention, train step
+# - train_step: the small model (configs/base.py) with pallas, then cudnn attention, train step
 #   only (--noeval). XLA compiles slowly here: on an H200 (2026-11-27) the parameter init took
 #   23 s and the train step 45 s with XLA's GEMM autotuning off, and with it on (the default)
 #   init plus train step did not finish within 130 s, so allow minutes per command;
 # - sampler: batch 1 and 64 at one token per NFE, and two parallel rules at batch 64, with
-#   dense KV-cache attention and with the Pallas decode kernel (model.attention=pallas).
-# With 15 minutes of device time, run `check attention train_step` and `sampler` as two calls.
+#   the Pallas decode kernel (model.attention=pallas), then dense KV-cache attention.
+# train_step:IMPLS and sampler:IMPLS run only the listed attention implementations (comma-
+# separated), in that order.
+# The train_step and sampler commands also trace a short run (two train steps; eight blocks
+# of samples at each batch) into a scratch directory and print the GPU time per op and per
+# stream, and how busy each stream was (benchmarks/trace_summary.py).
+# Parts run in the order given; every measurement is written as soon as it is made, so a run
+# cut short keeps what it finished. Compiles dominate the train_step and sampler parts.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 out=${1:-bench_out}
@@ -27,6 +34,7 @@ parts=("$@")
 ((${#parts[@]})) || parts=(check attention train_step sampler)
 python=${PYTHON:-python3}
 mkdir -p "$out"
+traces=$(mktemp -d)
 
 run() {  # PART COMMAND...: appends COMMAND's JSON lines to OUT_DIR/PART.jsonl
   local part=$1 rc
@@ -40,7 +48,10 @@ run() {  # PART COMMAND...: appends COMMAND's JSON lines to OUT_DIR/PART.jsonl
   fi
 }
 
-for part in "${parts[@]}"; do
+for spec in "${parts[@]}"; do
+  part=${spec%%:*}
+  impls=()
+  [[ $spec == *:* ]] && IFS=, read -ra impls <<<"${spec#*:}"
   case $part in
     check)
       run check benchmarks/kernel_check.py ;;
@@ -48,13 +59,16 @@ for part in "${parts[@]}"; do
       run attention benchmarks/attention.py --impls=pallas,cudnn,xla \
         --pallas=default,64x64:4:3,64x64:8,128x64:8,128x64:8:3,128x128:8,64x128:4,64x32:4 ;;
     train_step)
-      for impl in pallas cudnn; do
-        run train_step benchmarks/train_step.py --noeval --steps=10 --config.model.attention="$impl"
+      ((${#impls[@]})) || impls=(pallas cudnn)
+      for impl in "${impls[@]}"; do
+        run train_step benchmarks/train_step.py --noeval --steps=10 --config.model.attention="$impl" \
+          --profile_dir="$traces/train_step_$impl"
       done ;;
     sampler)
-      for impl in dense pallas; do
+      ((${#impls[@]})) || impls=(pallas dense)
+      for impl in "${impls[@]}"; do
         run sampler benchmarks/sampler.py --noflat_cost --parallel=threshold:0.9,topk:4 \
-          --config.model.attention="$impl"
+          --config.model.attention="$impl" --profile_dir="$traces/sampler_$impl"
       done ;;
     *)
       echo "unknown part '$part' (check, attention, train_step, sampler)" >&2
@@ -69,10 +83,25 @@ COLUMNS = ("impl", "pass", "attention", "kind", "kernel", "mask", "length", "que
            "dtype", "head_dim", "setting", "batch", "block_q", "block_k", "num_warps", "num_stages",
            "ms", "step_ms", "tokens_per_s", "ms_per_nfe", "nfes_per_token", "max_abs_err",
            "grad_rel_err", "ok", "failed", "mfu", "error")
+def print_profile(name, record):
+  """The busiest device timelines of a traced run, and their top ops."""
+  timelines = ([t for t in record["timelines"] if t["plane"].startswith("/device:")] or
+               record["timelines"])
+  what = " ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+                  for k in ("attention", "batch", "ms_per_nfe", "wall_ms_per_step") if k in record)
+  for t in sorted(timelines, key=lambda t: -t["busy_ms"])[:2]:
+    print(f"{name} profile {what} {t['line']}: busy {t['busy_ms']:.1f} of {t['span_ms']:.1f} ms")
+    for op in t["top"][:8]:
+      print(f"    {op['total_ms']:9.2f} ms {op['count']:6d}x {op['mean_us']:9.1f} us  {op['op']}"
+            f"{' (' + op['kernel'] + ')' if 'kernel' in op else ''}")
+
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
   for line in path.read_text().splitlines():
     if line.startswith("{"):
       record = json.loads(line)
+      if "timelines" in record:
+        print_profile(path.stem, record)
+        continue
       cells = [f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
                for k in COLUMNS if record.get(k) is not None]
       device = record.get("device_kind") or record.get("device", {}).get("device_kind", "")

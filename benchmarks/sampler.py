@@ -29,6 +29,10 @@ Prints JSON lines. Conventions:
   in wall time, cached_cpu_ratio in process CPU time), against the uncached recompute: L' times one
   full forward over the prefix of n tokens under the block-causal mask (median of `--runs` + 2
   calls), for n = L', L/4, L/2, L.
+- "profile" (`--profile_dir=DIR`): at each of `--batch_sizes`, one call of the speed run's
+  compiled sampler over its first `--profile_blocks` blocks (the block count is data) under
+  the profiler, trace written under DIR/batchB: wall ms per NFE and the time per op and per
+  device timeline (benchmarks/trace_summary.py).
 """
 
 import os
@@ -49,7 +53,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, trace_summary  # noqa: E402
 from bd3jax import config as config_lib  # noqa: E402
 from bd3jax import generative, sampling  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
@@ -70,6 +74,9 @@ _PARALLEL = flags.DEFINE_list(
     "Parallel rule settings RULE:VALUE (threshold tau, entropy bound, topk k); empty: none.")
 _PARALLEL_BATCH = flags.DEFINE_integer("parallel_batch", 64, "Batch of the parallel-rule runs.")
 _FLAT = flags.DEFINE_bool("flat_cost", True, "Measure the per-block cost against a recompute.")
+_PROFILE = flags.DEFINE_string("profile_dir", "", "Trace a short run at each batch size into "
+                               "this directory and print where its time goes.")
+_PROFILE_BLOCKS = flags.DEFINE_integer("profile_blocks", 8, "Blocks sampled by a traced run.")
 _RUNS = flags.DEFINE_integer("runs", 3, "Timed calls per measurement.")
 _NUCLEUS = flags.DEFINE_float("nucleus_p", 0.9, "Nucleus (top-p) of every run.")
 _NOISE = flags.DEFINE_float("param_noise", 0.1, "Scale of the random weights' perturbation.")
@@ -133,6 +140,19 @@ def run_sampler(model, params, ids, cfg, batch: int, runs: int, quality=None):
           "nfes_per_token": nfes / (cfg.length - 1), "ms_per_nfe": 1e3 * seconds / nfes,
           "forwards": int(out.forwards), "ms_per_forward": 1e3 * seconds / int(out.forwards),
           "unigram_entropy": float(np.mean(out.entropy_B)), **(quality(out) if quality else {})}
+
+
+def profile(model, params, ids, cfg, batch: int, directory: str) -> dict:
+  """One traced call of the sampler at `batch` over its first `--profile_blocks` blocks."""
+  blocks = min(_PROFILE_BLOCKS.value, cfg.n_blocks)
+  seconds, out = trace_summary.trace(
+      lambda: sampling.generate(model, params, jax.random.key(_SEED.value), cfg,
+                                num_samples=batch, num_blocks=blocks, **ids), directory)
+  nfes = float(np.mean(out.nfes_B))
+  return {"batch": batch, "rule": cfg.rule, "blocks": blocks, "seconds": seconds,
+          "nfes_per_sequence": nfes, "ms_per_nfe": 1e3 * seconds / nfes,
+          "forwards": int(out.forwards),
+          "timelines": trace_summary.summarize(trace_summary.newest_trace(directory))}
 
 
 def generative_perplexity(tokenizer, scorer):
@@ -210,9 +230,14 @@ def main(argv):
           "n_heads": m.n_heads, "vocab_size": m.vocab_size, "dtype": m.dtype,
           "attention": m.attention,
           "weights": _WORKDIR.value or "random"}
+  speed_cfg = sampler_cfg(config, rule="first_hitting")
   for batch in map(int, _BATCHES.value):
-    result = run_sampler(model, params, ids, sampler_cfg(config, rule="first_hitting"), batch, runs)
+    result = run_sampler(model, params, ids, speed_cfg, batch, runs)
     common.emit({"kind": "speed", **base, **result})
+    if _PROFILE.value:
+      directory = os.path.join(_PROFILE.value, f"batch{batch}")
+      common.emit({"kind": "profile", **base,
+                   **profile(model, params, ids, speed_cfg, batch, directory)})
   for text in _PARALLEL.value:
     setting = parallel_setting(text)
     result = run_sampler(model, params, ids, sampler_cfg(config, **setting), _PARALLEL_BATCH.value,

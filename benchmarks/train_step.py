@@ -5,7 +5,7 @@
   python benchmarks/train_step.py --config=configs/demo.py --vocab_size=2048 --batch_size=8 \
       --steps=3 --warmup=1                              # a CPU smoke run, under a minute
 
-Prints one JSON line. Conventions:
+Prints one JSON line (two with `--profile_dir`). Conventions:
 - train step: `train.jit_train_step(task)` (AdamW, grad clipping, EMA; the state donated),
   on one device, one fixed batch of uniform random ids in [0, vocab_size - 1) already on
   device; mask id = vocab_size - 1. No data pipeline, logging or checkpointing.
@@ -19,6 +19,9 @@ Prints one JSON line. Conventions:
   convention string is printed as `flop_convention`); mfu divides by one device's dense bf16
   peak from `bd3jax.flops.peak_flops_per_device()`, null where unknown (CPU).
 - peak_memory_gib: the device's peak bytes in use, null where not reported (CPU).
+- `--profile_dir=DIR`: after the timing, `--profile_steps` more train steps run under the
+  profiler (trace written under DIR) and a second line, "train_step_profile", gives the time
+  per op and per device timeline (benchmarks/trace_summary.py).
 """
 
 import os
@@ -34,7 +37,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, trace_summary  # noqa: E402
 from bd3jax import evaluate, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,6 +52,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 3,
                                "Untimed calls before timing, the compiling one included.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tokens.")
 _EVAL = flags.DEFINE_bool("eval", True, "Also time the eval step (a second compilation).")
+_PROFILE = flags.DEFINE_string("profile_dir", "", "Trace --profile_steps steps into this directory "
+                               "and print where their time goes.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Train steps traced with --profile_dir.")
 
 
 def main(argv):
@@ -89,6 +95,17 @@ def main(argv):
       "peak_memory_gib": common.peak_memory_gib(),
       "flop_convention": common.flop_convention(),
   })
+  if _PROFILE.value:
+    def run_steps():
+      s, metrics = state, None
+      for _ in range(_PROFILE_STEPS.value):
+        s, metrics = step_fn(s, batch)
+      return s, metrics
+    seconds, _ = trace_summary.trace(run_steps, _PROFILE.value)
+    common.emit({
+        "benchmark": "train_step_profile", "attention": config.model.attention,
+        "steps": _PROFILE_STEPS.value, "wall_ms_per_step": 1e3 * seconds / _PROFILE_STEPS.value,
+        "timelines": trace_summary.summarize(trace_summary.newest_trace(_PROFILE.value))})
 
 
 if __name__ == "__main__":

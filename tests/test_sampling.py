@@ -346,6 +346,20 @@ def test_one_and_thirty_blocks_share_one_compilation():
   assert (one.tokens_BS[:, 2:] == MASK_ID).all() and not (thirty.tokens_BS == MASK_ID).any()
 
 
+@pytest.mark.parametrize("rule", ["first_hitting", "threshold", "topk", "entropy"])
+def test_a_denoising_step_holds_no_loop_or_branch(rule):
+  """Blocks loop around steps, and nothing loops or branches inside a step: on GPU, XLA runs
+  each loop iteration from the host and does not capture loops into its CUDA graphs, so a loop
+  inside the step (e.g. the nucleus search, now unrolled) would cost host launches every NFE."""
+  model, params = model_and_params()
+  cfg = sampling.SamplerConfig(length=L, block_size=LB, steps=LB, rule=rule)
+  jaxpr = jax.make_jaxpr(lambda p, k: sampling._generate(
+      p, k, jnp.zeros((2, 0), jnp.int32), jnp.zeros((2,), jnp.int32), jnp.int32(2),
+      model=model, cfg=cfg, bos_id=BOS, eos_id=EOS, mask_id=MASK_ID, on_block=None))(
+          params, jax.random.split(jax.random.key(0), 2))
+  assert jax_helpers.control_flow_depth(jaxpr.jaxpr) == 2
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(length=16, block_size=4, steps=0), "steps 0"),
     (dict(length=16, block_size=4, steps=2, nucleus_p=0.0), "nucleus_p 0.0"),

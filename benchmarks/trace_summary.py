@@ -1,0 +1,93 @@
+"""Where a traced run's time goes: XLA ops and device events by total time, per timeline.
+
+  python benchmarks/trace_summary.py TRACE_DIR [--top=20]   # one JSON line per timeline
+
+`trace(fn, directory)` times `fn()` under `jax.profiler.trace`, `newest_trace(directory)` finds
+the XSpace file it wrote, and `summarize(path)` reads that with `jax.profiler.ProfileData`.
+A timeline is one line of
+the trace: a GPU stream or TPU core (planes named /device:...), or a host thread that ran XLA's
+CPU thunks. Counted: every event of a device plane, and on host planes the events that carry
+an `hlo_op` stat. Events are grouped by that stat (the HLO instruction, e.g. a fusion) or else
+by their name (a memcpy, a kernel of no HLO op); a group's `kernel` is its events' name where
+that differs (e.g. the GPU kernel of a fusion). Per timeline:
+- busy_ms: the union of its events' intervals; span_ms: its first start to its last end, so
+  busy / span below 1 is time the timeline sat idle (launches, host syncs) within the trace;
+- top: the `top` groups by total time: count, total_ms, mean_us.
+"""
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def trace(fn, directory: str):
+  """(wall seconds, result) of `fn()` run under the profiler, ended by block_until_ready; the
+  trace is written under `directory` (see `newest_trace`)."""
+  with jax.profiler.trace(directory):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    seconds = time.perf_counter() - t0
+  return seconds, out
+
+
+def newest_trace(directory: str) -> str:
+  """The most recently written XSpace file (`*.xplane.pb`) under `directory`."""
+  paths = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+  if not paths:
+    raise FileNotFoundError(f"no *.xplane.pb trace under {directory}")
+  return max(paths, key=os.path.getmtime)
+
+
+def _union_ns(intervals) -> float:
+  """Total length of the union of (start, end) intervals."""
+  total, reach = 0.0, float("-inf")
+  for start, end in sorted(intervals):
+    if end > reach:
+      total += end - max(start, reach)
+      reach = end
+  return total
+
+
+def summarize(path: str, top: int = 20) -> list[dict]:
+  """One dict per timeline that holds counted events (see the module docstring)."""
+  timelines = []
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    on_device = plane.name.startswith("/device:")
+    for line in plane.lines:
+      total_ns, count, kernel, intervals = collections.Counter(), collections.Counter(), {}, []
+      for event in line.events:
+        op = dict(event.stats).get("hlo_op")
+        if op is None and not on_device:
+          continue
+        key = op or event.name
+        total_ns[key] += event.duration_ns
+        count[key] += 1
+        kernel.setdefault(key, event.name)
+        intervals.append((event.start_ns, event.end_ns))
+      if not intervals:
+        continue
+      timelines.append({
+          "plane": plane.name, "line": line.name, "events": len(intervals),
+          "busy_ms": _union_ns(intervals) / 1e6,
+          "span_ms": (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e6,
+          "top": [{"op": key, **({"kernel": kernel[key]} if kernel[key] != key else {}),
+                   "count": count[key], "total_ms": ns / 1e6, "mean_us": ns / count[key] / 1e3}
+                  for key, ns in total_ns.most_common(top)]})
+  return timelines
+
+
+if __name__ == "__main__":
+  from benchmarks import common
+  parser = argparse.ArgumentParser(description="Summarize the newest jax.profiler trace.")
+  parser.add_argument("trace_dir", help="The directory given to jax.profiler.trace.")
+  parser.add_argument("--top", type=int, default=20, help="Groups listed per timeline.")
+  args = parser.parse_args()
+  for timeline in summarize(newest_trace(args.trace_dir), args.top):
+    common.emit(timeline)
