@@ -233,9 +233,9 @@ def unigram_entropy(tokens_BS, lengths_B):
   """Entropy (nats) of the token frequencies in each row's first lengths_B tokens."""
   valid_BS = jnp.arange(tokens_BS.shape[1]) < lengths_B[:, None]
   sorted_BS = jnp.sort(jnp.where(valid_BS, tokens_BS, -1), axis=-1)
-  def counts(row_S):
-    return (jnp.searchsorted(row_S, row_S, side="right") -
-            jnp.searchsorted(row_S, row_S, side="left"))
+  def counts(row_S):  # unrolled binary searches: no loop (see `nucleus_filter`)
+    search = functools.partial(jnp.searchsorted, row_S, row_S, method="scan_unrolled")
+    return search(side="right") - search(side="left")
   count_BS = jax.vmap(counts)(sorted_BS)
   n_B1 = jnp.maximum(lengths_B, 1)[:, None].astype(jnp.float32)
   log_freq_BS = jnp.log(jnp.maximum(count_BS, 1) / n_B1)

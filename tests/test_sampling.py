@@ -347,17 +347,18 @@ def test_one_and_thirty_blocks_share_one_compilation():
 
 
 @pytest.mark.parametrize("rule", ["first_hitting", "threshold", "topk", "entropy"])
-def test_a_denoising_step_holds_no_loop_or_branch(rule):
-  """Blocks loop around steps, and nothing loops or branches inside a step: on GPU, XLA runs
-  each loop iteration from the host and does not capture loops into its CUDA graphs, so a loop
-  inside the step (e.g. the nucleus search, now unrolled) would cost host launches every NFE."""
+def test_the_only_loops_are_blocks_and_steps(rule):
+  """A loop over blocks around a loop over steps, and no other loop or branch (the entropy stop
+  included): on GPU, XLA runs each loop iteration from the host and leaves loops out of its
+  CUDA graphs, so a loop in a step (e.g. the nucleus search, unrolled) costs launches per NFE."""
   model, params = model_and_params()
-  cfg = sampling.SamplerConfig(length=L, block_size=LB, steps=LB, rule=rule)
+  cfg = sampling.SamplerConfig(length=L, block_size=LB, steps=LB, rule=rule, entropy_window=8)
   jaxpr = jax.make_jaxpr(lambda p, k: sampling._generate(
       p, k, jnp.zeros((2, 0), jnp.int32), jnp.zeros((2,), jnp.int32), jnp.int32(2),
       model=model, cfg=cfg, bos_id=BOS, eos_id=EOS, mask_id=MASK_ID, on_block=None))(
           params, jax.random.split(jax.random.key(0), 2))
   assert jax_helpers.control_flow_depth(jaxpr.jaxpr) == 2
+  assert sum(map(jax_helpers.is_loop_or_branch, jax_helpers.equations(jaxpr.jaxpr))) == 2
 
 
 @pytest.mark.parametrize("kwargs,message", [
