@@ -2,6 +2,7 @@
 
   python benchmarks/attention.py     # batch 16, 12 heads, 2L = 2048, head dim 64, L' 16, bf16
   python benchmarks/attention.py --impls=pallas,cudnn --pallas=default,128x64:8,128x64:8:3
+  python benchmarks/attention.py --impls=pallas --pallas=64x64:4/128x32:4/32x128:8
   python benchmarks/attention.py --batch=1 --heads=2 --length=64 --impls=dense,xla,pallas \
       --steps=3 --warmup=1 --calls=1          # a CPU smoke run (pallas interpreted)
 
@@ -11,7 +12,9 @@ Prints one JSON line per (implementation, pass). Conventions:
   training mask of x_t ⊕ x_0; every implementation goes through `bd3jax.model.attention`
   (`cudnn` and `xla` are `jax.nn.dot_product_attention` with the dense [2L, 2L] mask), except
   that `pallas` calls `block_sparse_attention` itself, once per entry of `--pallas`:
-  `default` (the kernel's defaults) or BLOCK_QxBLOCK_K[:WARPS[:STAGES]], e.g. 128x64:8:3.
+  `default` (the kernel's defaults) or BLOCK_QxBLOCK_K[:WARPS[:STAGES]], e.g. 128x64:8:3, for
+  all three kernels, or three such settings FORWARD/DQ/DKV for the forward, dq and dk/dv
+  kernels (`block_sparse.Launch`; for dk/dv, BLOCK_K is the program's key tile).
 - "fwd" times `attention(q, k, v)`; "fwd_bwd" times the output and (dq, dk, dv) of
   sum(attention(q, k, v) * dO) through `jax.vjp`; both jitted, nothing donated.
 - timing (`benchmarks/common.time_calls`): the first call compiles (`compile_s`), `--warmup`
@@ -23,7 +26,8 @@ Prints one JSON line per (implementation, pass). Conventions:
   largest max|g - g_ref| / max|g_ref| over dq, dk and dv against the same float32 `dense`.
 - tflops_per_s: FLOPs of the visible (query, key) pairs only, 4 * B * H * nnz * K for fwd
   (two matmuls), 3.5 times that for fwd_bwd (the backward's five matmuls), over `ms`.
-- tile_fraction (pallas): share of the [2L/block_q, 2L/block_k] tiles that are computed.
+- pallas records: the forward's block_q, block_k, num_warps, num_stages and tile_fraction (the
+  share of its [2L/block_q, 2L/block_k] tiles that are computed); dq and dkv as Q x K:W:S.
 - an implementation that fails (e.g. cudnn on CPU, splash off TPU) prints its error instead.
 """
 
@@ -51,8 +55,9 @@ _BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "L', the diffusion block si
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension K.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q, k, v dtype.")
 _PALLAS = flags.DEFINE_list(
-    "pallas", ["default"], "pallas settings to time: 'default' or BLOCK_QxBLOCK_K[:WARPS[:STAGES]] "
-    "(warps default to default_num_warps, stages to NUM_STAGES).")
+    "pallas", ["default"], "pallas settings to time: 'default', BLOCK_QxBLOCK_K[:WARPS[:STAGES]] "
+    "for the three kernels, or FORWARD/DQ/DKV, each such a setting (warps default to "
+    "default_num_warps, stages to NUM_STAGES).")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed samples per measurement.")
 _CALLS = flags.DEFINE_integer("calls", 10, "Back-to-back calls per timed sample.")
 _WARMUP = flags.DEFINE_integer("warmup", 5,
@@ -66,7 +71,7 @@ def main(argv):
   unknown = sorted(set(_IMPLS.value) - set(IMPLEMENTATIONS))
   if unknown:
     raise app.UsageError(f"--impls {unknown} not among {IMPLEMENTATIONS}")
-  settings = [pallas_setting(text) for text in _PALLAS.value]
+  settings = {text: pallas_setting(text) for text in _PALLAS.value}
   mask = AttentionMask(MaskKind.TRAINING, _LENGTH.value, _BLOCK_SIZE.value)
   t = mask.num_tokens
   shape = (_BATCH.value, t, _HEADS.value, _HEAD_DIM.value)
@@ -81,45 +86,60 @@ def main(argv):
             "dtype": _DTYPE.value, "mask_density": float(mask.dense().mean()),
             **common.device_summary(), "steps": _STEPS.value, "warmup": _WARMUP.value}
 
-  runs = [(impl, setting) for impl in _IMPLS.value
-          for setting in (settings if impl == "pallas" else [None])]
-  for impl, setting in runs:
+  runs = [(impl, text) for impl in _IMPLS.value
+          for text in (settings if impl == "pallas" else [None])]
+  for impl, text in runs:
+    record = {**shared, "impl": impl, **({"setting": text} if text else {})}
     try:
-      _measure(impl, setting, mask, (q, k, v, do), reference, fwd_flops, {**shared, "impl": impl})
+      _measure(impl, settings.get(text), mask, (q, k, v, do), reference, fwd_flops, record)
     except Exception as e:  # report and go on with the next implementation
-      common.emit({**shared, "impl": impl, "setting": setting,
-                   "error": common.error_text(e)})
+      common.emit({**record, "error": common.error_text(e)})
 
 
 def pallas_setting(text: str) -> dict:
-  """{} for 'default', else block_q, block_k and optionally num_warps, num_stages from
-  'QxK[:W[:S]]'."""
+  """`block_sparse_attention` keyword arguments from a --pallas entry: {} for 'default', else
+  the forward's block_q, block_k, num_warps, num_stages and, for FORWARD/DQ/DKV, dq and dkv."""
   if text == "default":
     return {}
-  try:
-    tile, *rest = text.split(":")
-    block_q, block_k = (int(n) for n in tile.split("x"))
-    setting = {"block_q": block_q, "block_k": block_k}
-    setting.update(zip(("num_warps", "num_stages"), (int(n) for n in rest), strict=False))
-  except ValueError:
-    raise app.UsageError(f"--pallas entry {text!r} is not 'default' or "
-                         "BLOCK_QxBLOCK_K[:WARPS[:STAGES]]") from None
-  if len(rest) > 2:
-    raise app.UsageError(f"--pallas entry {text!r} has more than warps and stages")
+  launches = [launch(part, text) for part in text.split("/")]
+  if len(launches) not in (1, 3):
+    raise app.UsageError(f"--pallas entry {text!r} has {len(launches)} settings, not 1 or 3")
+  forward = launches[0]
+  setting = {"block_q": forward.block_q, "block_k": forward.block_k,
+             "num_warps": forward.num_warps, "num_stages": forward.num_stages}
+  if len(launches) == 3:
+    setting.update(dq=launches[1], dkv=launches[2])
   return setting
+
+
+def launch(part: str, text: str) -> block_sparse.Launch:
+  """A `Launch` from 'QxK[:W[:S]]' (`text`: the whole --pallas entry, for errors)."""
+  try:
+    tile, *rest = part.split(":")
+    block_q, block_k = (int(n) for n in tile.split("x"))
+    numbers = [int(n) for n in rest]
+  except ValueError:
+    raise app.UsageError(f"--pallas entry {text!r}: {part!r} is not "
+                         "BLOCK_QxBLOCK_K[:WARPS[:STAGES]]") from None
+  if len(numbers) > 2:
+    raise app.UsageError(f"--pallas entry {text!r}: {part!r} has more than warps and stages")
+  return block_sparse.Launch(block_q, block_k, *numbers)
 
 
 def _measure(impl, setting, mask, inputs, reference, fwd_flops, record):
   q, k, v, do = inputs
   if impl == "pallas":
     cfg = block_sparse.kernel_config(q, k, v, mask, **setting)
-    rows, _ = tiles.kernel_tiles(mask, cfg.num_tokens, cfg.block_q, cfg.block_k)
-    n_tiles = (cfg.num_tokens // cfg.block_q) * (cfg.num_tokens // cfg.block_k)
-    record.update(block_q=cfg.block_q, block_k=cfg.block_k, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages, tile_fraction=float(rows.counts_N2.sum() / n_tiles))
+    f = cfg.forward
+    rows, _ = tiles.kernel_tiles(mask, cfg.num_tokens, f.block_q, f.block_k)
+    n_tiles = (cfg.num_tokens // f.block_q) * (cfg.num_tokens // f.block_k)
+    record.update(block_q=f.block_q, block_k=f.block_k, num_warps=f.num_warps,
+                  num_stages=f.num_stages, tile_fraction=float(rows.counts_N2.sum() / n_tiles),
+                  **{name: f"{b.block_q}x{b.block_k}:{b.num_warps}:{b.num_stages}"
+                     for name, b in (("dq", cfg.dq), ("dkv", cfg.dkv))})
     attend = lambda q, k, v: block_sparse.block_sparse_attention(
-        q, k, v, mask, block_q=cfg.block_q, block_k=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        q, k, v, mask, block_q=f.block_q, block_k=f.block_k, num_warps=f.num_warps,
+        num_stages=f.num_stages, dq=cfg.dq, dkv=cfg.dkv)
   else:
     attend = lambda q, k, v: attention(q, k, v, mask, impl)
 

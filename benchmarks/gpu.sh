@@ -11,8 +11,9 @@
 # - check: benchmarks/kernel_check.py, the compiled kernels against float32 dense references
 #   (48 s on an H200, 2026-11-27);
 # - attention: the reference shape (batch 16, 12 heads, 2L = 2048, head dim 64, L' = 16, bf16)
-#   with pallas (the default tiles and a sweep of tiles, warps and stages), cudnn and xla, in
-#   one process (37 s on an H200 for eight pallas settings and cudnn, 2026-11-27);
+#   with pallas (the default tiles, then other tiles for the backward kernels: FORWARD/DQ/DKV),
+#   cudnn and xla, in one process (37 s on an H200 for eight pallas settings and cudnn,
+#   2026-11-27);
 # - train_step: the small model (configs/base.py) with pallas, then cudnn attention, train step
 #   only (--noeval). XLA compiles slowly here: on an H200 (2026-11-27) the parameter init took
 #   23 s and the train step 45 s with XLA's GEMM autotuning off, and with it on (the default)
@@ -56,8 +57,9 @@ for spec in "${parts[@]}"; do
     check)
       run check benchmarks/kernel_check.py ;;
     attention)
-      run attention benchmarks/attention.py --impls=pallas,cudnn,xla \
-        --pallas=default,64x64:4:3,64x64:8,128x64:8,128x64:8:3,128x128:8,64x128:4,64x32:4 ;;
+      settings=default,64x64:4/128x32:4/32x128:8,64x64:4/128x32:8/32x128:8
+      settings+=,64x64:4/64x64:4/32x128:8,64x64:4/128x32:4/64x64:4,64x64:4/64x32:4/32x64:4
+      run attention benchmarks/attention.py --impls=pallas,cudnn,xla --pallas="$settings" ;;
     train_step)
       ((${#impls[@]})) || impls=(pallas cudnn)
       for impl in "${impls[@]}"; do

@@ -2,6 +2,7 @@
 
 import functools
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -58,27 +59,35 @@ def test_visible_and_tile_lists_follow_the_mask(kind, seq_len, block_size):
                                       np.flatnonzero(row_M == Tile.PARTIAL))
 
 
-# (mask kind, L, L', dtype, head dim, block_q, block_k): L' in {1, 4, 16, L}, both dtypes,
-# head dims 64 and 128, square and rectangular tiles; T = 2L for the training mask.
+Launch = block_sparse.Launch
+# (mask kind, L, L', dtype, head dim, block_q, block_k, (dq, dkv) launches or None: the
+# forward's): L' in {1, 4, 16, L}, both dtypes, head dims 64 and 128, square and rectangular
+# tiles, backward tiles unlike the forward's; T = 2L for the training mask.
 CASES = [
-    (TRAINING, 16, 1, jnp.float32, 64, 8, 8),
-    (TRAINING, 16, 4, jnp.bfloat16, 64, 8, 8),
-    (TRAINING, 32, 4, jnp.float32, 64, 16, 8),
-    (TRAINING, 32, 16, jnp.bfloat16, 128, 8, 16),
-    (TRAINING, 32, 32, jnp.float32, 64, 16, 16),
-    (BLOCK_CAUSAL, 32, 4, jnp.float32, 64, 8, 8),
-    (BLOCK_CAUSAL, 31, 1, jnp.bfloat16, 64, 8, 8),  # padded: T = 31 tokens, tiles of 8
-    (FULL, 16, 16, jnp.float32, 64, 8, 8),
+    (TRAINING, 16, 1, jnp.float32, 64, 8, 8, None),
+    (TRAINING, 16, 4, jnp.bfloat16, 64, 8, 8, None),
+    (TRAINING, 32, 4, jnp.float32, 64, 16, 8, None),
+    (TRAINING, 32, 4, jnp.float32, 64, 8, 8, (Launch(16, 4), Launch(4, 16))),
+    (TRAINING, 32, 16, jnp.bfloat16, 128, 8, 16, None),
+    (TRAINING, 16, 16, jnp.bfloat16, 128, 16, 16, (Launch(8, 16, 4, 1), Launch(16, 8))),
+    (TRAINING, 32, 32, jnp.float32, 64, 16, 16, None),
+    (BLOCK_CAUSAL, 32, 4, jnp.float32, 64, 8, 8, None),
+    (BLOCK_CAUSAL, 31, 1, jnp.bfloat16, 64, 8, 8, None),  # padded: T = 31 tokens, tiles of 8
+    (BLOCK_CAUSAL, 31, 1, jnp.bfloat16, 64, 8, 8, (Launch(16, 8), Launch(8, 32))),  # T -> 32
+    (FULL, 16, 16, jnp.float32, 64, 8, 8, None),
 ]
 
 
-@pytest.mark.parametrize("kind,seq_len,block_size,dtype,head_dim,block_q,block_k", CASES)
+@pytest.mark.parametrize("kind,seq_len,block_size,dtype,head_dim,block_q,block_k,backward",
+                         CASES)
 def test_forward_and_gradients_match_dense(kind, seq_len, block_size, dtype, head_dim, block_q,
-                                           block_k):
+                                           block_k, backward):
   mask = AttentionMask(kind, seq_len, block_size)
   shape = (2, mask.num_tokens, 3, head_dim)
   q, k, v, do = qkv_and_cotangent(seq_len + block_size + head_dim, shape, dtype)
-  pallas = functools.partial(block_sparse_attention, mask=mask, block_q=block_q, block_k=block_k)
+  dq, dkv = backward or (None, None)
+  pallas = functools.partial(block_sparse_attention, mask=mask, block_q=block_q, block_k=block_k,
+                             dq=dq, dkv=dkv)
   dense = functools.partial(dense_attention, mask_TS=mask.dense())
   o, grads = value_and_grads(pallas, q, k, v, do)
   assert o.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -169,6 +178,10 @@ def test_dispatch_and_errors():
     block_sparse_attention(q, k.astype(jnp.bfloat16), v, mask)
   with pytest.raises(ValueError, match="num_stages=0"):
     block_sparse_attention(q, k, v, mask, num_stages=0)
+  with pytest.raises(ValueError, match=r"\(dq\) tile block_q=12 must be a power of two"):
+    block_sparse_attention(q, k, v, mask, dq=block_sparse.Launch(12, 8))
+  with pytest.raises(ValueError, match=r"\(dkv\) num_warps=3 must be"):
+    block_sparse_attention(q, k, v, mask, dkv=block_sparse.Launch(8, 8, num_warps=3))
 
 
 @pytest.mark.parametrize("backend, dtype, head_dim, chosen", [
@@ -258,6 +271,20 @@ def test_pallas_forward_and_backward_lower_to_triton(monkeypatch, kind, seq_len,
   assert module.count(TRITON_CALL) == 3   # forward, dq, dk and dv
   warps = block_sparse.default_num_warps(head_dim, dtype)
   assert module.count(f"num_warps = {warps} : i32") == 3
+
+
+def test_each_training_kernel_lowers_with_its_own_launch(monkeypatch):
+  monkeypatch.setattr(platform, "backend", lambda: "gpu")
+  mask = AttentionMask(TRAINING, 128, 16)
+  x = jax.ShapeDtypeStruct((1, mask.num_tokens, 2, 64), jnp.bfloat16)
+  attend = functools.partial(block_sparse_attention, mask=mask, num_warps=4, interpret=False,
+                             dq=Launch(128, 32, 8, 3), dkv=Launch(32, 128, 2, 1))
+  module = lowered_for("cuda", lambda q, k, v: jax.vjp(attend, q, k, v)[1](q), x, x, x)
+  launches = re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32',
+                        module)
+  assert module.count(TRITON_CALL) == 3
+  assert {name: (int(stages), int(warps)) for name, stages, warps in launches} == {
+      "bd3_attention_fwd": (2, 4), "bd3_attention_dq": (3, 8), "bd3_attention_dkv": (1, 2)}
 
 
 @pytest.mark.parametrize("t,slots,dtype,head_dim", [

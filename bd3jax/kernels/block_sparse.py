@@ -11,13 +11,17 @@
   Probabilities are recomputed from `lse`; they are cast to the input dtype before the
   matmuls with v / dO, as `dense_attention` does; all accumulators are float32.
 
-Tiles: `BLOCK_Q` = `BLOCK_K` = 64 by default (clipped to T rounded up to a power of two).
-At L = 1024, L' = 16 the non-empty 64 x 64 tiles cover 28.1% of the 2L x 2L matrix (the mask
-itself 25.4%), against 31.2% for 128-wide tiles. Tile sizes must be powers of two (Triton); T
-is padded to a multiple of both (`tiles.padded_mask`). Warps: `default_num_warps`. At the
-reference shape on an H200 (bf16, head dim 64) these defaults, with `NUM_STAGES`, were the
-fastest of eight settings forward and backward (README; benchmarks/attention.py --pallas). On GPU
-the kernels lower through Triton (float32 matmuls there may run as TF32); on CPU they run
+Each kernel has its own `Launch` (tile of queries x keys, Triton warps and pipelining stages):
+`block_q`, `block_k`, `num_warps` and `num_stages` set the forward's, `dq=` and `dkv=` the
+backward kernels' (by default the forward's); for dk/dv, `block_k` is the program's key tile and
+`block_q` the query tile of its loop. Tiles: `BLOCK_Q` = `BLOCK_K` = 64 by default (clipped to
+T rounded up to a power of two). At L = 1024, L' = 16 the non-empty 64 x 64 tiles cover 28.1% of
+the 2L x 2L matrix (the mask itself 25.4%), against 31.2% for 128-wide tiles. Tile sizes must be
+powers of two (Triton); T is padded to a multiple of every tile size in use
+(`tiles.padded_mask`). Warps: `default_num_warps`. At the reference shape on an H200 (bf16, head
+dim 64) these defaults, with `NUM_STAGES`, were the fastest of eight settings forward and
+backward, each setting shared by the three kernels (README; benchmarks/attention.py --pallas).
+On GPU the kernels lower through Triton (float32 matmuls there may run as TF32); on CPU they run
 interpreted.
 """
 
@@ -42,29 +46,40 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 @dataclasses.dataclass(frozen=True)
+class Launch:
+  """How one kernel runs: a tile of `block_q` queries x `block_k` keys, Triton's warps per
+  program (None: `default_num_warps`) and software-pipelining stages of its tile loop."""
+  block_q: int
+  block_k: int
+  num_warps: int | None = None
+  num_stages: int = NUM_STAGES
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelConfig:
   """Static arguments of the kernels (hashable); `num_tokens` is T after padding."""
   mask: AttentionMask
   num_tokens: int
-  block_q: int
-  block_k: int
-  num_warps: int
-  num_stages: int
+  forward: Launch
+  dq: Launch
+  dkv: Launch
   interpret: bool
 
 
 def block_sparse_attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, *,
                            block_q: int | None = None, block_k: int | None = None,
                            num_warps: int | None = None, num_stages: int = NUM_STAGES,
+                           dq: Launch | None = None, dkv: Launch | None = None,
                            interpret: bool | None = None):
   """softmax(q k^T / sqrt(K) + mask) v over T = mask.num_tokens tokens, block-sparse.
 
-  `block_q`/`block_k` default to `BLOCK_Q`/`BLOCK_K`, `num_warps` (GPU) to
-  `default_num_warps`; `num_stages` is Triton's software-pipelining depth of the key loop;
-  `interpret` defaults to True on CPU. Differentiable in q, k and v.
+  The forward kernel's tiles `block_q`/`block_k` default to `BLOCK_Q`/`BLOCK_K`, `num_warps`
+  (GPU) to `default_num_warps`; `num_stages` is Triton's software-pipelining depth of the tile
+  loop. `dq`/`dkv`: the backward kernels' `Launch` (default: the forward's). `interpret`
+  defaults to True on CPU. Differentiable in q, k and v.
   """
   cfg = kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q, block_k, num_warps, interpret,
-                      num_stages)
+                      num_stages, dq=dq, dkv=dkv)
   t = q_BTHK.shape[1]
   pad = lambda x_BTHK: jnp.pad(x_BTHK, ((0, 0), (0, cfg.num_tokens - t), (0, 0), (0, 0)))
   return _attention(pad(q_BTHK), pad(k_BTHK), pad(v_BTHK), cfg)[:, :t]
@@ -107,8 +122,10 @@ def check_tiles_and_warps(kernel: str, num_warps: int, **tiles: int) -> None:
 
 
 def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_warps=None,
-                  interpret=None, num_stages=NUM_STAGES) -> KernelConfig:
-  """Checks the inputs and settles tiles, warps, padded length and interpret mode."""
+                  interpret=None, num_stages=NUM_STAGES, *, dq: Launch | None = None,
+                  dkv: Launch | None = None) -> KernelConfig:
+  """Checks the inputs and settles each kernel's launch, the padded length and interpret mode.
+  Tiles larger than T rounded up to a power of two are clipped to it."""
   if not q_BTHK.shape == k_BTHK.shape == v_BTHK.shape or q_BTHK.ndim != 4:
     raise ValueError(f"pallas attention needs q, k, v of one shape [B, T, H, K]; got "
                      f"{q_BTHK.shape}, {k_BTHK.shape}, {v_BTHK.shape}")
@@ -121,16 +138,23 @@ def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_
   interpret = platform.interpret_by_default() if interpret is None else interpret
   if not interpret:
     check_gpu_build(head_dim, elsewhere="use 'splash' on TPU, 'dense' on CPU")
+  forward = Launch(BLOCK_Q if block_q is None else block_q, BLOCK_K if block_k is None else block_k,
+                   num_warps, num_stages)
   t_pow2 = 1 << (t - 1).bit_length()
-  block_q = min(BLOCK_Q if block_q is None else block_q, t_pow2)
-  block_k = min(BLOCK_K if block_k is None else block_k, t_pow2)
-  num_warps = default_num_warps(head_dim, q_BTHK.dtype) if num_warps is None else num_warps
-  check_tiles_and_warps("pallas attention", num_warps, block_q=block_q, block_k=block_k)
-  if num_stages < 1:
-    raise ValueError(f"pallas attention num_stages={num_stages} must be at least 1")
-  step = max(block_q, block_k)
-  return KernelConfig(mask, -(-t // step) * step, block_q, block_k, num_warps, num_stages,
-                      interpret)
+  launches = {}
+  for name, launch in (("forward", forward), ("dq", dq or forward), ("dkv", dkv or forward)):
+    warps = launch.num_warps
+    if warps is None:
+      warps = default_num_warps(head_dim, q_BTHK.dtype)
+    check_tiles_and_warps(f"pallas attention ({name})", warps, block_q=launch.block_q,
+                          block_k=launch.block_k)
+    if launch.num_stages < 1:
+      raise ValueError(f"pallas attention ({name}) num_stages={launch.num_stages} must be at "
+                       "least 1")
+    launches[name] = Launch(min(launch.block_q, t_pow2), min(launch.block_k, t_pow2), warps,
+                            launch.num_stages)
+  step = max(size for launch in launches.values() for size in (launch.block_q, launch.block_k))
+  return KernelConfig(mask, -(-t // step) * step, **launches, interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -200,7 +224,7 @@ def online_softmax_update(carry, s_QK, v_KD):
 
 
 def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
-  bq, bk = cfg.block_q, cfg.block_k
+  bq, bk = cfg.forward.block_q, cfg.forward.block_k
   q_QD = q_ref[...]
   q_pos_Q = tile_positions(pl.program_id(2), bq)
 
@@ -216,7 +240,7 @@ def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
 
 def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                *, cfg):
-  bq, bk = cfg.block_q, cfg.block_k
+  bq, bk = cfg.dq.block_q, cfg.dq.block_k
   q_QD, do_QD, lse_Q, delta_Q = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   q_pos_Q = tile_positions(pl.program_id(2), bq)
 
@@ -234,7 +258,7 @@ def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 
 def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, *, cfg):
-  bq, bk = cfg.block_q, cfg.block_k
+  bq, bk = cfg.dkv.block_q, cfg.dkv.block_k
   k_KD, v_KD = k_ref[...], v_ref[...]
   k_pos_K = tile_positions(pl.program_id(2), bk)
 
@@ -285,19 +309,20 @@ def call_kernel(kernel, grid, in_specs, out_specs, out_shape, name, *, num_warps
                         name=name)
 
 
-def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
+def _call(kernel, cfg, launch: Launch, grid, in_specs, out_specs, out_shape, name):
   return call_kernel(functools.partial(kernel, cfg=cfg), grid, in_specs, out_specs, out_shape,
-                     name, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     name, num_warps=launch.num_warps, num_stages=launch.num_stages,
                      interpret=cfg.interpret)
 
 
 def forward(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):
   """(o_BTHK, lse_BHT): the output and float32 log-sum-exp; T already cfg.num_tokens."""
   b, t, h, d = q_BTHK.shape
-  rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, cfg.block_q, cfg.block_k)
-  q_tile, whole, lse_tile, _ = _specs(t, d, cfg.block_q)
+  f = cfg.forward
+  rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, f.block_q, f.block_k)
+  q_tile, whole, lse_tile, _ = _specs(t, d, f.block_q)
   return _call(
-      _forward_kernel, cfg, (b, h, t // cfg.block_q),
+      _forward_kernel, cfg, f, (b, h, t // f.block_q),
       [*_list_specs(rows), q_tile, whole, whole], [q_tile, lse_tile],
       [jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
        jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
@@ -307,22 +332,23 @@ def forward(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):
 def backward(q_BTHK, k_BTHK, v_BTHK, o_BTHK, lse_BHT, do_BTHK, cfg: KernelConfig):
   """(dq, dk, dv) from the forward's residuals and the output cotangent (T padded)."""
   b, t, h, d = q_BTHK.shape
-  rows, cols = kernel_tiles(cfg.mask, cfg.num_tokens, cfg.block_q, cfg.block_k)
   delta_BHT = jnp.einsum("bthk,bthk->bht", o_BTHK.astype(jnp.float32),
                          do_BTHK.astype(jnp.float32))
   do_BTHK = do_BTHK.astype(q_BTHK.dtype)
   args = (q_BTHK, k_BTHK, v_BTHK, do_BTHK, lse_BHT, delta_BHT)
 
-  q_tile, whole, row_tile, _ = _specs(t, d, cfg.block_q)
+  rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, cfg.dq.block_q, cfg.dq.block_k)
+  q_tile, whole, row_tile, _ = _specs(t, d, cfg.dq.block_q)
   dq_BTHK = _call(
-      _dq_kernel, cfg, (b, h, t // cfg.block_q),
+      _dq_kernel, cfg, cfg.dq, (b, h, t // cfg.dq.block_q),
       [*_list_specs(rows), q_tile, whole, whole, q_tile, row_tile, row_tile], q_tile,
       jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
       "bd3_attention_dq")(*_list_args(rows), *args)
 
-  k_tile, whole, _, row_whole = _specs(t, d, cfg.block_k)
+  _, cols = kernel_tiles(cfg.mask, cfg.num_tokens, cfg.dkv.block_q, cfg.dkv.block_k)
+  k_tile, whole, _, row_whole = _specs(t, d, cfg.dkv.block_k)
   dk_BTHK, dv_BTHK = _call(
-      _dkv_kernel, cfg, (b, h, t // cfg.block_k),
+      _dkv_kernel, cfg, cfg.dkv, (b, h, t // cfg.dkv.block_k),
       [*_list_specs(cols), whole, k_tile, k_tile, whole, row_whole, row_whole], [k_tile, k_tile],
       [jax.ShapeDtypeStruct(k_BTHK.shape, k_BTHK.dtype),
        jax.ShapeDtypeStruct(v_BTHK.shape, v_BTHK.dtype)],
