@@ -86,8 +86,9 @@ COLUMNS = ("impl", "pass", "attention", "kind", "kernel", "mask", "length", "que
            "ms", "step_ms", "tokens_per_s", "ms_per_nfe", "nfes_per_token", "max_abs_err",
            "grad_rel_err", "ok", "failed", "mfu", "error")
 def print_profile(name, record):
-  """The busiest device timelines of a traced run, and their top ops."""
-  timelines = ([t for t in record["timelines"] if t["plane"].startswith("/device:")] or
+  """The busiest GPU streams of a traced run (else device or host timelines), their top ops."""
+  device = [t for t in record["timelines"] if t["plane"].startswith("/device:")]
+  timelines = ([t for t in device if t["line"].startswith("Stream")] or device or
                record["timelines"])
   what = " ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
                   for k in ("attention", "batch", "ms_per_nfe", "wall_ms_per_step") if k in record)
