@@ -137,9 +137,7 @@ def _measure(impl, setting, mask, inputs, reference, fwd_flops, record):
                   num_stages=f.num_stages, tile_fraction=float(rows.counts_N2.sum() / n_tiles),
                   **{name: f"{b.block_q}x{b.block_k}:{b.num_warps}:{b.num_stages}"
                      for name, b in (("dq", cfg.dq), ("dkv", cfg.dkv))})
-    attend = lambda q, k, v: block_sparse.block_sparse_attention(
-        q, k, v, mask, block_q=f.block_q, block_k=f.block_k, num_warps=f.num_warps,
-        num_stages=f.num_stages, dq=cfg.dq, dkv=cfg.dkv)
+    attend = lambda q, k, v: block_sparse.block_sparse_attention(q, k, v, mask, **setting)
   else:
     attend = lambda q, k, v: attention(q, k, v, mask, impl)
 

@@ -12,8 +12,8 @@
 #   (48 s on an H200, 2026-11-27);
 # - attention: the reference shape (batch 16, 12 heads, 2L = 2048, head dim 64, L' = 16, bf16)
 #   with pallas (the default tiles, then other tiles for the backward kernels: FORWARD/DQ/DKV),
-#   cudnn and xla, in one process (37 s on an H200 for eight pallas settings and cudnn,
-#   2026-11-27);
+#   cudnn and xla, in one process (an earlier sweep of eight pallas settings and cudnn took
+#   37 s on an H200, 2026-11-27);
 # - train_step: the small model (configs/base.py) with pallas, then cudnn attention, train step
 #   only (--noeval). XLA compiles slowly here: on an H200 (2026-11-27) the parameter init took
 #   23 s and the train step 45 s with XLA's GEMM autotuning off, and with it on (the default)
@@ -36,6 +36,7 @@ parts=("$@")
 python=${PYTHON:-python3}
 mkdir -p "$out"
 traces=$(mktemp -d)
+trap 'rm -rf "$traces"' EXIT
 
 run() {  # PART COMMAND...: appends COMMAND's JSON lines to OUT_DIR/PART.jsonl
   local part=$1 rc

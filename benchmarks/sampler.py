@@ -145,14 +145,13 @@ def run_sampler(model, params, ids, cfg, batch: int, runs: int, quality=None):
 def profile(model, params, ids, cfg, batch: int, directory: str) -> dict:
   """One traced call of the sampler at `batch` over its first `--profile_blocks` blocks."""
   blocks = min(_PROFILE_BLOCKS.value, cfg.n_blocks)
-  seconds, out = trace_summary.trace(
+  seconds, out, timelines = trace_summary.trace(
       lambda: sampling.generate(model, params, jax.random.key(_SEED.value), cfg,
                                 num_samples=batch, num_blocks=blocks, **ids), directory)
   nfes = float(np.mean(out.nfes_B))
   return {"batch": batch, "rule": cfg.rule, "blocks": blocks, "seconds": seconds,
           "nfes_per_sequence": nfes, "ms_per_nfe": 1e3 * seconds / nfes,
-          "forwards": int(out.forwards),
-          "timelines": trace_summary.summarize(trace_summary.newest_trace(directory))}
+          "forwards": int(out.forwards), "timelines": timelines}
 
 
 def generative_perplexity(tokenizer, scorer):

@@ -2,8 +2,9 @@
 
   python benchmarks/trace_summary.py TRACE_DIR [--top=20]   # one JSON line per timeline
 
-`trace(fn, directory)` times `fn()` under `jax.profiler.trace`, `newest_trace(directory)` finds
-the XSpace file it wrote, and `summarize(path)` reads that with `jax.profiler.ProfileData`.
+`trace(fn, directory)` times `fn()` under `jax.profiler.trace` and summarizes what it wrote:
+`newest_trace(directory)` finds the XSpace file, `summarize(path)` reads it with
+`jax.profiler.ProfileData`.
 A timeline is one line of
 the trace: a GPU stream or TPU core (planes named /device:...), or a host thread that ran XLA's
 CPU thunks. Counted: every event of a device plane, and on host planes the events that carry
@@ -27,14 +28,14 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def trace(fn, directory: str):
-  """(wall seconds, result) of `fn()` run under the profiler, ended by block_until_ready; the
-  trace is written under `directory` (see `newest_trace`)."""
+def trace(fn, directory: str, top: int = 20):
+  """(wall seconds, result, `summarize` of the trace) of `fn()` run under the profiler, ended
+  by block_until_ready; the trace is written under `directory`."""
   with jax.profiler.trace(directory):
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
     seconds = time.perf_counter() - t0
-  return seconds, out
+  return seconds, out, summarize(newest_trace(directory), top)
 
 
 def newest_trace(directory: str) -> str:

@@ -97,15 +97,15 @@ def main(argv):
   })
   if _PROFILE.value:
     def run_steps():
-      s, metrics = state, None
+      s = state
       for _ in range(_PROFILE_STEPS.value):
-        s, metrics = step_fn(s, batch)
-      return s, metrics
-    seconds, _ = trace_summary.trace(run_steps, _PROFILE.value)
+        s, _ = step_fn(s, batch)
+      return s
+    seconds, _, timelines = trace_summary.trace(run_steps, _PROFILE.value)
     common.emit({
         "benchmark": "train_step_profile", "attention": config.model.attention,
         "steps": _PROFILE_STEPS.value, "wall_ms_per_step": 1e3 * seconds / _PROFILE_STEPS.value,
-        "timelines": trace_summary.summarize(trace_summary.newest_trace(_PROFILE.value))})
+        "timelines": timelines})
 
 
 if __name__ == "__main__":

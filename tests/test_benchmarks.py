@@ -13,8 +13,7 @@ def test_trace_summary_counts_every_op_of_every_call(tmp_path):
   f = jax.jit(lambda x: jnp.tanh(x @ x).sum(axis=0) * 2.0)
   x = jnp.ones((64, 64))
   f(x).block_until_ready()  # compiled before the trace
-  seconds, _ = trace_summary.trace(lambda: [f(x) for _ in range(3)], str(tmp_path))
-  timelines = trace_summary.summarize(trace_summary.newest_trace(str(tmp_path)))
+  seconds, _, timelines = trace_summary.trace(lambda: [f(x) for _ in range(3)], str(tmp_path))
   counts = collections.Counter()
   for timeline in timelines:
     assert 0 < timeline["busy_ms"] <= timeline["span_ms"] <= 1e3 * seconds
