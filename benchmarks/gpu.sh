@@ -18,15 +18,18 @@
 #   only (--noeval). XLA compiles slowly here: on an H200 (2026-11-27) the parameter init took
 #   23 s and the train step 45 s with XLA's GEMM autotuning off, and with it on (the default)
 #   init plus train step did not finish within 130 s, so allow minutes per command;
-# - sampler: batch 1 and 64 at one token per NFE, and two parallel rules at batch 64, with
-#   the Pallas decode kernel (model.attention=pallas), then dense KV-cache attention.
+# - sampler: batch 1 and 64 at one token per NFE, with the nucleus search settling 1 and then
+#   4 bits per pass over the vocabulary (30 or 8 dependent passes per NFE), and two parallel
+#   rules at batch 64, with the Pallas decode kernel (model.attention=pallas), then dense
+#   KV-cache attention.
 # train_step:IMPLS and sampler:IMPLS run only the listed attention implementations (comma-
 # separated), in that order.
 # The train_step and sampler commands also trace a short run (two train steps; eight blocks
 # of samples at each batch) into a scratch directory and print the GPU time per op and per
 # stream, and how busy each stream was (benchmarks/trace_summary.py).
 # Parts run in the order given; every measurement is written as soon as it is made, so a run
-# cut short keeps what it finished. Compiles dominate the train_step and sampler parts.
+# cut short keeps what it finished. Compiles dominate the train_step and sampler parts; the
+# commands share a compilation cache, so compile_s after the first command may be a cache hit.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 out=${1:-bench_out}
@@ -37,6 +40,10 @@ python=${PYTHON:-python3}
 mkdir -p "$out"
 traces=$(mktemp -d)
 trap 'rm -rf "$traces"' EXIT
+# One compilation cache for all commands: with it JAX also keeps XLA's GEMM autotuning results
+# (jax_persistent_cache_enable_xla_caches), so a later command does not autotune again the
+# fusions an earlier command of this run tuned (e.g. cudnn's train step after pallas's).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$traces/compilation_cache}
 
 run() {  # PART COMMAND...: appends COMMAND's JSON lines to OUT_DIR/PART.jsonl
   local part=$1 rc
@@ -70,7 +77,8 @@ for spec in "${parts[@]}"; do
     sampler)
       ((${#impls[@]})) || impls=(pallas dense)
       for impl in "${impls[@]}"; do
-        run sampler benchmarks/sampler.py --noflat_cost --parallel=threshold:0.9,topk:4 \
+        run sampler benchmarks/sampler.py --noflat_cost --nucleus_bits=1,4 \
+          --parallel=threshold:0.9,topk:4 \
           --config.model.attention="$impl" --profile_dir="$traces/sampler_$impl"
       done ;;
     *)
@@ -83,8 +91,8 @@ done
 import json, pathlib, sys
 
 COLUMNS = ("impl", "pass", "attention", "kind", "kernel", "mask", "length", "queries", "end",
-           "dtype", "head_dim", "setting", "batch", "block_q", "block_k", "num_warps", "num_stages",
-           "ms", "step_ms", "tokens_per_s", "ms_per_nfe", "nfes_per_token", "max_abs_err",
+           "dtype", "head_dim", "setting", "batch", "nucleus_bits", "block_q", "block_k",
+           "num_warps", "num_stages", "ms", "step_ms", "tokens_per_s", "ms_per_nfe", "nfes_per_token", "max_abs_err",
            "grad_rel_err", "ok", "failed", "mfu", "error")
 def print_profile(name, record):
   """The busiest GPU streams of a traced run (else device or host timelines), their top ops."""
@@ -92,7 +100,8 @@ def print_profile(name, record):
   timelines = ([t for t in device if t["line"].startswith("Stream")] or device or
                record["timelines"])
   what = " ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
-                  for k in ("attention", "batch", "ms_per_nfe", "wall_ms_per_step") if k in record)
+                  for k in ("attention", "batch", "nucleus_bits", "ms_per_nfe", "wall_ms_per_step")
+                  if k in record)
   for t in sorted(timelines, key=lambda t: -t["busy_ms"])[:2]:
     print(f"{name} profile {what} {t['line']}: busy {t['busy_ms']:.1f} of {t['span_ms']:.1f} ms")
     for op in t["top"][:8]:

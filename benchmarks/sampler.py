@@ -16,7 +16,8 @@ Prints JSON lines. Conventions:
   stop, no prompt; nucleus p = `--nucleus_p`, temperature 1. Generated tokens = batch x (L - 1).
 - timing: the first call of `sampling.generate` compiles and runs (`first_call_s`); then the
   median of `--runs` calls, each ended by `jax.block_until_ready`.
-- "speed": the first_hitting rule (one token per NFE) at each of `--batch_sizes`:
+- "speed": the first_hitting rule (one token per NFE) at each of `--batch_sizes`, for each
+  value of `--nucleus_bits` (passes over the vocabulary of the exact top-p search):
   tokens_per_s = generated tokens / time; ms_per_nfe = time / NFEs per sequence (the commit
   passes, one per block, are included in the time, not counted as NFEs); ms_per_forward =
   time / batched network passes (denoising and commit).
@@ -29,10 +30,10 @@ Prints JSON lines. Conventions:
   in wall time, cached_cpu_ratio in process CPU time), against the uncached recompute: L' times one
   full forward over the prefix of n tokens under the block-causal mask (median of `--runs` + 2
   calls), for n = L', L/4, L/2, L.
-- "profile" (`--profile_dir=DIR`): at each of `--batch_sizes`, one call of the speed run's
-  compiled sampler over its first `--profile_blocks` blocks (the block count is data) under
-  the profiler, trace written under DIR/batchB: wall ms per NFE and the time per op and per
-  device timeline (benchmarks/trace_summary.py).
+- "profile" (`--profile_dir=DIR`): after each speed run, one call of its compiled sampler over
+  its first `--profile_blocks` blocks (the block count is data) under the profiler, trace
+  written under DIR/bitsN_batchB: wall ms per NFE and the time per op and per device timeline
+  (benchmarks/trace_summary.py).
 """
 
 import os
@@ -79,6 +80,9 @@ _PROFILE = flags.DEFINE_string("profile_dir", "", "Trace a short run at each bat
 _PROFILE_BLOCKS = flags.DEFINE_integer("profile_blocks", 8, "Blocks sampled by a traced run.")
 _RUNS = flags.DEFINE_integer("runs", 3, "Timed calls per measurement.")
 _NUCLEUS = flags.DEFINE_float("nucleus_p", 0.9, "Nucleus (top-p) of every run.")
+_NUCLEUS_BITS = flags.DEFINE_list(
+    "nucleus_bits", ["1"], "Bits of the nucleus cutoff settled per pass over the vocabulary "
+    "(SamplerConfig.nucleus_bits): the speed runs run each value, the other runs the first.")
 _NOISE = flags.DEFINE_float("param_noise", 0.1, "Scale of the random weights' perturbation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and of the samples.")
 
@@ -123,6 +127,7 @@ def timed(fn, runs: int):
 
 
 def sampler_cfg(config, **kwargs):
+  kwargs.setdefault("nucleus_bits", int(_NUCLEUS_BITS.value[0]))
   return sampling.SamplerConfig(
       length=config.length, block_size=config.block_size, steps=config.block_size,
       nucleus_p=_NUCLEUS.value, autoregressive=config.algo == "ar", stop_entropy=0.0, **kwargs)
@@ -135,7 +140,8 @@ def run_sampler(model, params, ids, cfg, batch: int, runs: int, quality=None):
   first_call_s, seconds, out = timed(generate, runs)
   generated = batch * (cfg.length - 1)
   nfes = float(np.mean(out.nfes_B))
-  return {"batch": batch, "rule": cfg.rule, "first_call_s": first_call_s, "seconds": seconds,
+  return {"batch": batch, "rule": cfg.rule, "nucleus_bits": cfg.nucleus_bits,
+          "first_call_s": first_call_s, "seconds": seconds,
           "tokens_per_s": generated / seconds, "nfes_per_sequence": nfes,
           "nfes_per_token": nfes / (cfg.length - 1), "ms_per_nfe": 1e3 * seconds / nfes,
           "forwards": int(out.forwards), "ms_per_forward": 1e3 * seconds / int(out.forwards),
@@ -149,8 +155,8 @@ def profile(model, params, ids, cfg, batch: int, directory: str) -> dict:
       lambda: sampling.generate(model, params, jax.random.key(_SEED.value), cfg,
                                 num_samples=batch, num_blocks=blocks, **ids), directory)
   nfes = float(np.mean(out.nfes_B))
-  return {"batch": batch, "rule": cfg.rule, "blocks": blocks, "seconds": seconds,
-          "nfes_per_sequence": nfes, "ms_per_nfe": 1e3 * seconds / nfes,
+  return {"batch": batch, "rule": cfg.rule, "nucleus_bits": cfg.nucleus_bits, "blocks": blocks,
+          "seconds": seconds, "nfes_per_sequence": nfes, "ms_per_nfe": 1e3 * seconds / nfes,
           "forwards": int(out.forwards), "timelines": timelines}
 
 
@@ -229,14 +235,15 @@ def main(argv):
           "n_heads": m.n_heads, "vocab_size": m.vocab_size, "dtype": m.dtype,
           "attention": m.attention,
           "weights": _WORKDIR.value or "random"}
-  speed_cfg = sampler_cfg(config, rule="first_hitting")
-  for batch in map(int, _BATCHES.value):
-    result = run_sampler(model, params, ids, speed_cfg, batch, runs)
-    common.emit({"kind": "speed", **base, **result})
-    if _PROFILE.value:
-      directory = os.path.join(_PROFILE.value, f"batch{batch}")
-      common.emit({"kind": "profile", **base,
-                   **profile(model, params, ids, speed_cfg, batch, directory)})
+  for bits in map(int, _NUCLEUS_BITS.value):
+    speed_cfg = sampler_cfg(config, rule="first_hitting", nucleus_bits=bits)
+    for batch in map(int, _BATCHES.value):
+      result = run_sampler(model, params, ids, speed_cfg, batch, runs)
+      common.emit({"kind": "speed", **base, **result})
+      if _PROFILE.value:
+        directory = os.path.join(_PROFILE.value, f"bits{bits}_batch{batch}")
+        common.emit({"kind": "profile", **base,
+                     **profile(model, params, ids, speed_cfg, batch, directory)})
   for text in _PARALLEL.value:
     setting = parallel_setting(text)
     result = run_sampler(model, params, ids, sampler_cfg(config, **setting), _PARALLEL_BATCH.value,

@@ -49,6 +49,39 @@ def test_nucleus_filter_keeps_the_smallest_set_reaching_p():
   assert np.isfinite(np.asarray(sampling.nucleus_filter(logits, 1.0))).all()
 
 
+def sorted_nucleus(probs_V, p: float):
+  """The nucleus by a sort: the most probable tokens until their mass reaches p, plus ties;
+  and whether float32 sums could move the cutoff (a mass next to it within 1e-5 of p)."""
+  order = np.argsort(-probs_V, kind="stable")
+  mass = np.cumsum(probs_V[order].astype(np.float64))
+  last = min(np.searchsorted(mass, p), len(order) - 1)
+  return probs_V >= probs_V[order[last]], np.abs(mass[max(last - 1, 0):last + 1] - p).min() < 1e-5
+
+
+@pytest.mark.parametrize("bits_per_pass", [1, 2, 4, 5, 8])
+def test_nucleus_filter_matches_a_sort(bits_per_pass):
+  """Fresh random rows (flat, peaked, with ties, near ties one ulp apart and -inf logits)
+  against the sorted nucleus."""
+  keys = jax.random.split(jax.random.key(bits_per_pass), 4)
+  logits = jax.random.normal(keys[0], (3, 8, 1000)) * jnp.array([0.1, 2.0, 8.0])[:, None, None]
+  ties = jnp.round(jax.random.normal(keys[1], (3, 8, 1000)) * 2.0)
+  drop = jax.random.bernoulli(keys[2], 0.2, ties.shape)
+  near_ties = jnp.where(jax.random.bernoulli(keys[3], 0.5, ties.shape),
+                        jnp.nextafter(ties, -jnp.inf), ties)
+  logits = jnp.concatenate([logits, ties, near_ties, jnp.where(drop, -jnp.inf, ties)])
+  logits = logits.reshape(-1, 1000)
+  probs = np.asarray(jax.nn.softmax(logits))
+  compared = 0
+  for p in (0.1, 0.5, 0.9, 0.95):
+    kept = np.isfinite(np.asarray(sampling.nucleus_filter(logits, p, bits_per_pass)))
+    for row_kept, row_probs in zip(kept, probs):
+      expected, ambiguous = sorted_nucleus(row_probs, p)
+      if not ambiguous:
+        np.testing.assert_array_equal(row_kept, expected)
+        compared += 1
+  assert compared >= 0.9 * 4 * len(probs)
+
+
 def test_ddpm_rule_reveals_at_the_rate_and_never_remasks():
   cfg = sampling.SamplerConfig(length=4, block_size=4, steps=4, nucleus_p=1.0)
   x = jnp.full((2000, 4), MASK_ID).at[:, 0].set(7)
@@ -365,6 +398,7 @@ def test_the_only_loops_are_blocks_and_steps(rule):
     (dict(length=16, block_size=4, steps=0), "steps 0"),
     (dict(length=16, block_size=4, steps=2, nucleus_p=0.0), "nucleus_p 0.0"),
     (dict(length=16, block_size=4, steps=2, nucleus_p=1.5), "nucleus_p 1.5"),
+    (dict(length=16, block_size=4, steps=2, nucleus_bits=9), "nucleus_bits 9"),
     (dict(length=18, block_size=4, steps=2), "not a multiple of block_size"),
     (dict(length=16, block_size=4, steps=2, rule="greedy"), "rule 'greedy'"),
     (dict(length=16, block_size=4, steps=2, autoregressive=True), "block_size 1"),
