@@ -9,11 +9,13 @@ Triton IR for CUDA exactly as `jax.jit` would on a GPU (`block_sparse_attention`
 one head, the training mask of `--length`/`--block_size`), and for each (head dim, dtype,
 warps) the sampler's KV-cache kernel (`kernels/decode.py`: `--block_size` queries over a cache
 of `--length` slots, default tiles); each is compiled to a cubin for `--sm` by the `triton`
-package and described by cuobjdump's resource usage. One JSON line each:
+package and described by cuobjdump's resource usage and SASS. One JSON line each:
 registers per thread, stack_bytes and local_bytes (register spills: anything above 0 costs
 memory traffic in the inner loop), shared_bytes (Triton's dynamic shared memory; 227 KiB is an
-sm_90 block's limit). No GPU is needed or used. The numbers are those of the pip Triton, which
-can differ a little from the Triton inside jaxlib that compiles the kernels for real.
+sm_90 block's limit), sass_instructions (the kernel's static instruction count) and
+sass_ex2 (its MUFU.EX2, the hardware exponentials). No GPU is needed or used. The numbers are
+those of the pip Triton, which can differ a little from the Triton inside jaxlib that compiles
+the kernels for real.
 """
 
 import os
@@ -46,6 +48,7 @@ _SM = flags.DEFINE_integer("sm", 90, "Compute capability to build for (90: H100/
 
 KERNELS = ("fwd", "dq", "dkv")
 USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
+SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
 
 
 def lowered_triton(fn, *args) -> list[str]:
@@ -100,11 +103,13 @@ def resources(triton, module: str, sm: int, num_warps: int) -> dict:
       f.write(kernel.asm["cubin"])
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                              "cuobjdump")
-    usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], check=True,
-                           capture_output=True, text=True).stdout
+    dump = lambda option: subprocess.run([cuobjdump, option, cubin], check=True,
+                                         capture_output=True, text=True).stdout
+    usage, instructions = dump("--dump-resource-usage"), SASS_INSTRUCTION.findall(dump("-sass"))
   registers, stack, local = map(int, USAGE.search(usage).groups())
   return {"registers": registers, "stack_bytes": stack, "local_bytes": local,
-          "shared_bytes": kernel.metadata.shared}
+          "shared_bytes": kernel.metadata.shared, "sass_instructions": len(instructions),
+          "sass_ex2": instructions.count("MUFU.EX2")}
 
 
 def main(argv):

@@ -255,6 +255,12 @@ def lowered_for(platform_name, fn, *args) -> str:
                        disabled_checks=unchecked)(*args).mlir_module()
 
 
+def exponentiates_with_exp2(module: str) -> bool:
+  """The kernels' Triton IR calls libdevice's exp2f (one MUFU.EX2 on the GPU), never its
+  expf (several more instructions per element)."""
+  return "__nv_exp2f" in module and "__nv_expf" not in module
+
+
 @pytest.mark.parametrize("kind,seq_len,block_size,dtype,head_dim", [
     (TRAINING, 128, 1, jnp.bfloat16, 64), (TRAINING, 128, 16, jnp.float32, 128),
     (TRAINING, 96, 4, jnp.bfloat16, 128), (TRAINING, 128, 128, jnp.bfloat16, 64),
@@ -271,6 +277,7 @@ def test_pallas_forward_and_backward_lower_to_triton(monkeypatch, kind, seq_len,
   assert module.count(TRITON_CALL) == 3   # forward, dq, dk and dv
   warps = block_sparse.default_num_warps(head_dim, dtype)
   assert module.count(f"num_warps = {warps} : i32") == 3
+  assert exponentiates_with_exp2(module)
 
 
 def test_each_training_kernel_lowers_with_its_own_launch(monkeypatch):
@@ -297,6 +304,7 @@ def test_cache_attention_lowers_to_triton(monkeypatch, t, slots, dtype, head_dim
   module = lowered_for("cuda", attend, q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32))
   assert module.count(TRITON_CALL) == 1
   assert module.count(f"num_warps = {block_sparse.default_num_warps(head_dim, dtype)} : i32") == 1
+  assert exponentiates_with_exp2(module)
 
 
 def test_sampler_lowers_with_the_decode_kernel(monkeypatch):

@@ -4,11 +4,12 @@
 `mask.dense()`, without ever touching an empty tile (see `tiles.py` for the tile lists).
 - Forward: one program per (batch, head, query tile); it walks the key tiles of its row,
   full ones without mask arithmetic, then partial ones through `tiles.visible`, with an
-  online softmax in float32; it writes the output and the log-sum-exp `lse_BHT` (float32).
+  online softmax in float32; it writes the output and the log-sum-exp `lse2_BHT` (float32, in
+  base 2: the kernels scale logits by log2 e and exponentiate with exp2).
 - Backward (`jax.custom_vjp`), FlashAttention-2 style with no atomics: delta = rowsum(dO * O)
   in XLA; one kernel per (batch, head, query tile) accumulates dq over the same key tiles;
   one per (batch, head, key tile) accumulates dk and dv over the query tiles that see it.
-  Probabilities are recomputed from `lse`; they are cast to the input dtype before the
+  Probabilities are recomputed from `lse2`; they are cast to the input dtype before the
   matmuls with v / dO, as `dense_attention` does; all accumulators are float32.
 
 Each kernel has its own `Launch` (tile of queries x keys, Triton warps and pipelining stages):
@@ -41,7 +42,8 @@ from bd3jax.masks import AttentionMask
 BLOCK_Q = 64
 BLOCK_K = 64
 NUM_STAGES = 2
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK_VALUE - m) == 0
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp2(MASK_VALUE - m) == 0
+LOG2_E = 1.4426950408889634
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
@@ -163,8 +165,8 @@ def _attention(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):
 
 
 def _attention_fwd(q_BTHK, k_BTHK, v_BTHK, cfg):
-  o_BTHK, lse_BHT = forward(q_BTHK, k_BTHK, v_BTHK, cfg)
-  return o_BTHK, (q_BTHK, k_BTHK, v_BTHK, o_BTHK, lse_BHT)
+  o_BTHK, lse2_BHT = forward(q_BTHK, k_BTHK, v_BTHK, cfg)
+  return o_BTHK, (q_BTHK, k_BTHK, v_BTHK, o_BTHK, lse2_BHT)
 
 
 def _attention_bwd(cfg, residuals, do_BTHK):
@@ -192,12 +194,14 @@ def tile_positions(index, size):
 
 
 def scaled_logits(q_QD, k_KD):
-  """q k^T / sqrt(K) of one tile, in float32."""
-  return jnp.dot(q_QD, k_KD.T, preferred_element_type=jnp.float32) * q_QD.shape[-1] ** -0.5
+  """q k^T / sqrt(K) of one tile in float32, times log2 e: softmaxes over it use exp2 (one GPU
+  instruction, where Pallas lowers exp to a libdevice routine of several)."""
+  scale = q_QD.shape[-1] ** -0.5 * LOG2_E
+  return jnp.dot(q_QD, k_KD.T, preferred_element_type=jnp.float32) * scale
 
 
 def _logits(q_QD, k_KD, q_pos_Q, k_pos_K, masked: bool, cfg: KernelConfig):
-  """Scaled float32 logits of one tile; the mask applied only when `masked`."""
+  """Scaled float32 logits of one tile (`scaled_logits`); the mask applied only when `masked`."""
   s_QK = scaled_logits(q_QD, k_KD)
   if masked:
     s_QK = jnp.where(visible(cfg.mask, cfg.num_tokens, q_pos_Q, k_pos_K), s_QK, MASK_VALUE)
@@ -211,19 +215,19 @@ def online_softmax_init(shape_QD):
 
 
 def online_softmax_update(carry, s_QK, v_KD):
-  """Folds one key tile's float32 logits and values into (acc, max, sum); the output is
-  acc / sum after the last tile. Probabilities meet v in v's dtype, as in `dense_attention`."""
+  """Folds one key tile's `scaled_logits` and values into (acc, max, sum), in base 2; the output
+  is acc / sum after the last tile. Probabilities meet v in v's dtype, as in `dense_attention`."""
   acc_QD, m_Q, l_Q = carry
   m_new_Q = jnp.maximum(m_Q, s_QK.max(axis=-1))
-  rescale_Q = jnp.exp(m_Q - m_new_Q)
-  p_QK = jnp.exp(s_QK - m_new_Q[:, None])
+  rescale_Q = jnp.exp2(m_Q - m_new_Q)
+  p_QK = jnp.exp2(s_QK - m_new_Q[:, None])
   l_Q = rescale_Q * l_Q + p_QK.sum(axis=-1)
   acc_QD = rescale_Q[:, None] * acc_QD + jnp.dot(
       p_QK.astype(v_KD.dtype), v_KD, preferred_element_type=jnp.float32)
   return acc_QD, m_new_Q, l_Q
 
 
-def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
+def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse2_ref, *, cfg):
   bq, bk = cfg.forward.block_q, cfg.forward.block_k
   q_QD = q_ref[...]
   q_pos_Q = tile_positions(pl.program_id(2), bq)
@@ -235,19 +239,19 @@ def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
 
   acc_QD, m_Q, l_Q = _visit(counts_ref, index_ref, body, online_softmax_init(q_QD.shape))
   o_ref[...] = (acc_QD / l_Q[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = m_Q + jnp.log(l_Q)
+  lse2_ref[...] = m_Q + jnp.log2(l_Q)
 
 
-def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref,
                *, cfg):
   bq, bk = cfg.dq.block_q, cfg.dq.block_k
-  q_QD, do_QD, lse_Q, delta_Q = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_QD, do_QD, lse2_Q, delta_Q = q_ref[...], do_ref[...], lse2_ref[...], delta_ref[...]
   q_pos_Q = tile_positions(pl.program_id(2), bq)
 
   def body(j, masked, dq_QD):
     k_KD, v_KD = load_tile(k_ref, j, bk), load_tile(v_ref, j, bk)
     s_QK = _logits(q_QD, k_KD, q_pos_Q, tile_positions(j, bk), masked, cfg)
-    p_QK = jnp.exp(s_QK - lse_Q[:, None])
+    p_QK = jnp.exp2(s_QK - lse2_Q[:, None])
     dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
     ds_QK = p_QK * (dp_QK - delta_Q[:, None])
     return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, preferred_element_type=jnp.float32)
@@ -256,7 +260,7 @@ def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
   dq_ref[...] = (dq_QD * q_QD.shape[-1] ** -0.5).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
                 dk_ref, dv_ref, *, cfg):
   bq, bk = cfg.dkv.block_q, cfg.dkv.block_k
   k_KD, v_KD = k_ref[...], v_ref[...]
@@ -265,9 +269,9 @@ def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
   def body(i, masked, carry):
     dk_KD, dv_KD = carry
     q_QD, do_QD = load_tile(q_ref, i, bq), load_tile(do_ref, i, bq)
-    lse_Q, delta_Q = load_tile(lse_ref, i, bq), load_tile(delta_ref, i, bq)
+    lse2_Q, delta_Q = load_tile(lse2_ref, i, bq), load_tile(delta_ref, i, bq)
     s_QK = _logits(q_QD, k_KD, tile_positions(i, bq), k_pos_K, masked, cfg)
-    p_QK = jnp.exp(s_QK - lse_Q[:, None])
+    p_QK = jnp.exp2(s_QK - lse2_Q[:, None])
     dv_KD = dv_KD + jnp.dot(p_QK.astype(do_QD.dtype).T, do_QD, preferred_element_type=jnp.float32)
     dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
     ds_QK = p_QK * (dp_QK - delta_Q[:, None])
@@ -316,26 +320,27 @@ def _call(kernel, cfg, launch: Launch, grid, in_specs, out_specs, out_shape, nam
 
 
 def forward(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):
-  """(o_BTHK, lse_BHT): the output and float32 log-sum-exp; T already cfg.num_tokens."""
+  """(o_BTHK, lse2_BHT): the output and float32 log-sum-exp in base 2 (the natural one times
+  log2 e); T already cfg.num_tokens."""
   b, t, h, d = q_BTHK.shape
   f = cfg.forward
   rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, f.block_q, f.block_k)
-  q_tile, whole, lse_tile, _ = _specs(t, d, f.block_q)
+  q_tile, whole, lse2_tile, _ = _specs(t, d, f.block_q)
   return _call(
       _forward_kernel, cfg, f, (b, h, t // f.block_q),
-      [*_list_specs(rows), q_tile, whole, whole], [q_tile, lse_tile],
+      [*_list_specs(rows), q_tile, whole, whole], [q_tile, lse2_tile],
       [jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
        jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
       "bd3_attention_fwd")(*_list_args(rows), q_BTHK, k_BTHK, v_BTHK)
 
 
-def backward(q_BTHK, k_BTHK, v_BTHK, o_BTHK, lse_BHT, do_BTHK, cfg: KernelConfig):
+def backward(q_BTHK, k_BTHK, v_BTHK, o_BTHK, lse2_BHT, do_BTHK, cfg: KernelConfig):
   """(dq, dk, dv) from the forward's residuals and the output cotangent (T padded)."""
   b, t, h, d = q_BTHK.shape
   delta_BHT = jnp.einsum("bthk,bthk->bht", o_BTHK.astype(jnp.float32),
                          do_BTHK.astype(jnp.float32))
   do_BTHK = do_BTHK.astype(q_BTHK.dtype)
-  args = (q_BTHK, k_BTHK, v_BTHK, do_BTHK, lse_BHT, delta_BHT)
+  args = (q_BTHK, k_BTHK, v_BTHK, do_BTHK, lse2_BHT, delta_BHT)
 
   rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, cfg.dq.block_q, cfg.dq.block_k)
   q_tile, whole, row_tile, _ = _specs(t, d, cfg.dq.block_q)
