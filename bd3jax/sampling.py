@@ -181,13 +181,14 @@ def nucleus_filter(logits_BKV, p: float, bits_per_pass: int = 1):
   bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
   steps_C = jnp.arange(1, 2 ** bits_per_pass, dtype=jnp.int32)
   cutoff = jnp.zeros(probs.shape[:-1] + (1,), jnp.int32)  # invariant: mass(bits >= cutoff) >= p
-  for shift in range(_PROB_BITS - bits_per_pass, -bits_per_pass, -bits_per_pass):
-    candidates_C = cutoff + (steps_C << max(shift, 0))
+  for top in range(_PROB_BITS, 0, -bits_per_pass):  # the bits above `top` are settled
+    shift = max(top - bits_per_pass, 0)
+    candidates_C = cutoff + (steps_C << shift)
     mass_C = jnp.sum(jnp.where(bits[..., None, :] >= candidates_C[..., None], probs[..., None, :],
                                0.0), axis=-1)
     reached_C = (mass_C >= p).astype(jnp.int32)  # true for a prefix of the candidates
     # Elementwise adds, not a reduction: XLA can fuse them into the next pass's reduction.
-    cutoff += sum(reached_C[..., j:j + 1] for j in range(len(steps_C))) << max(shift, 0)
+    cutoff += sum(reached_C[..., j:j + 1] for j in range(len(steps_C))) << shift
   return jnp.where(bits >= cutoff, logits_BKV, -jnp.inf)
 
 

@@ -71,8 +71,8 @@ for spec in "${parts[@]}"; do
     train_step)
       ((${#impls[@]})) || impls=(pallas cudnn)
       for impl in "${impls[@]}"; do
-        run train_step benchmarks/train_step.py --noeval --steps=10 --config.model.attention="$impl" \
-          --profile_dir="$traces/train_step_$impl"
+        run train_step benchmarks/train_step.py --noeval --steps=10 \
+          --config.model.attention="$impl" --profile_dir="$traces/train_step_$impl"
       done ;;
     sampler)
       ((${#impls[@]})) || impls=(pallas dense)
@@ -92,16 +92,23 @@ import json, pathlib, sys
 
 COLUMNS = ("impl", "pass", "attention", "kind", "kernel", "mask", "length", "queries", "end",
            "dtype", "head_dim", "setting", "batch", "nucleus_bits", "block_q", "block_k",
-           "num_warps", "num_stages", "ms", "step_ms", "tokens_per_s", "ms_per_nfe", "nfes_per_token", "max_abs_err",
-           "grad_rel_err", "ok", "failed", "mfu", "error")
+           "num_warps", "num_stages", "ms", "step_ms", "tokens_per_s", "ms_per_nfe",
+           "nfes_per_token", "max_abs_err", "grad_rel_err", "ok", "failed", "mfu", "error")
+
+
+def cells(record, keys):
+  """'key=value' for each of `keys` the record holds (floats to 4 significant digits)."""
+  return [f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+          for k in keys if record.get(k) is not None]
+
+
 def print_profile(name, record):
   """The busiest GPU streams of a traced run (else device or host timelines), their top ops."""
   device = [t for t in record["timelines"] if t["plane"].startswith("/device:")]
   timelines = ([t for t in device if t["line"].startswith("Stream")] or device or
                record["timelines"])
-  what = " ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
-                  for k in ("attention", "batch", "nucleus_bits", "ms_per_nfe", "wall_ms_per_step")
-                  if k in record)
+  what = " ".join(cells(record, ("attention", "batch", "nucleus_bits", "ms_per_nfe",
+                                 "wall_ms_per_step")))
   for t in sorted(timelines, key=lambda t: -t["busy_ms"])[:2]:
     print(f"{name} profile {what} {t['line']}: busy {t['busy_ms']:.1f} of {t['span_ms']:.1f} ms")
     for op in t["top"][:8]:
@@ -115,8 +122,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
       if "timelines" in record:
         print_profile(path.stem, record)
         continue
-      cells = [f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
-               for k in COLUMNS if record.get(k) is not None]
       device = record.get("device_kind") or record.get("device", {}).get("device_kind", "")
-      print(path.stem, device, *cells)
+      print(path.stem, device, *cells(record, COLUMNS))
 EOF

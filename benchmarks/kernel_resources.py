@@ -48,7 +48,9 @@ _SM = flags.DEFINE_integer("sm", 90, "Compute capability to build for (90: H100/
 
 KERNELS = ("fwd", "dq", "dkv")
 USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
-SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+# A SASS line: /*offset*/, an optional predicate (@P0, @!UPT), the opcode (e.g. MUFU.EX2).
+SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)",
+                              re.M)
 
 
 def lowered_triton(fn, *args) -> list[str]:

@@ -2,6 +2,7 @@
 
 from benchmarks.common import value_and_grads  # noqa: F401  (the benchmarks' own, shared)
 
+
 def sub_jaxprs(eqn):
   """The jaxprs nested in one equation (loop bodies, branches, called functions)."""
   for param in eqn.params.values():
