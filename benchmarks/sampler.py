@@ -17,7 +17,8 @@ Prints JSON lines. Conventions:
 - timing: the first call of `sampling.generate` compiles and runs (`first_call_s`); then the
   median of `--runs` calls, each ended by `jax.block_until_ready`.
 - "speed": the first_hitting rule (one token per NFE) at each of `--batch_sizes`, for each
-  value of `--nucleus_bits` (passes over the vocabulary of the exact top-p search):
+  value of `--nucleus_bits` (bits per pass of the exact top-p search; by default the
+  backend's choice, `SamplerConfig.nucleus_pass_bits`):
   tokens_per_s = generated tokens / time; ms_per_nfe = time / NFEs per sequence (the commit
   passes, one per block, are included in the time, not counted as NFEs); ms_per_forward =
   time / batched network passes (denoising and commit).
@@ -81,8 +82,9 @@ _PROFILE_BLOCKS = flags.DEFINE_integer("profile_blocks", 8, "Blocks sampled by a
 _RUNS = flags.DEFINE_integer("runs", 3, "Timed calls per measurement.")
 _NUCLEUS = flags.DEFINE_float("nucleus_p", 0.9, "Nucleus (top-p) of every run.")
 _NUCLEUS_BITS = flags.DEFINE_list(
-    "nucleus_bits", ["1"], "Bits of the nucleus cutoff settled per pass over the vocabulary "
-    "(SamplerConfig.nucleus_bits): the speed runs run each value, the other runs the first.")
+    "nucleus_bits", [], "Bits of the nucleus cutoff settled per pass over the vocabulary "
+    "(SamplerConfig.nucleus_bits): the speed runs run each value, the other runs the first; "
+    "none given: the backend's default.")
 _NOISE = flags.DEFINE_float("param_noise", 0.1, "Scale of the random weights' perturbation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and of the samples.")
 
@@ -126,8 +128,13 @@ def timed(fn, runs: int):
   return first_call_s, statistics.median(times), out
 
 
+def nucleus_bits_values() -> list[int | None]:
+  """The --nucleus_bits values, or [None] (SamplerConfig's backend default) when none given."""
+  return [int(bits) for bits in _NUCLEUS_BITS.value] or [None]
+
+
 def sampler_cfg(config, **kwargs):
-  kwargs.setdefault("nucleus_bits", int(_NUCLEUS_BITS.value[0]))
+  kwargs.setdefault("nucleus_bits", nucleus_bits_values()[0])
   return sampling.SamplerConfig(
       length=config.length, block_size=config.block_size, steps=config.block_size,
       nucleus_p=_NUCLEUS.value, autoregressive=config.algo == "ar", stop_entropy=0.0, **kwargs)
@@ -140,7 +147,7 @@ def run_sampler(model, params, ids, cfg, batch: int, runs: int, quality=None):
   first_call_s, seconds, out = timed(generate, runs)
   generated = batch * (cfg.length - 1)
   nfes = float(np.mean(out.nfes_B))
-  return {"batch": batch, "rule": cfg.rule, "nucleus_bits": cfg.nucleus_bits,
+  return {"batch": batch, "rule": cfg.rule, "nucleus_bits": cfg.nucleus_pass_bits,
           "first_call_s": first_call_s, "seconds": seconds,
           "tokens_per_s": generated / seconds, "nfes_per_sequence": nfes,
           "nfes_per_token": nfes / (cfg.length - 1), "ms_per_nfe": 1e3 * seconds / nfes,
@@ -155,7 +162,7 @@ def profile(model, params, ids, cfg, batch: int, directory: str) -> dict:
       lambda: sampling.generate(model, params, jax.random.key(_SEED.value), cfg,
                                 num_samples=batch, num_blocks=blocks, **ids), directory)
   nfes = float(np.mean(out.nfes_B))
-  return {"batch": batch, "rule": cfg.rule, "nucleus_bits": cfg.nucleus_bits, "blocks": blocks,
+  return {"batch": batch, "rule": cfg.rule, "nucleus_bits": cfg.nucleus_pass_bits, "blocks": blocks,
           "seconds": seconds, "nfes_per_sequence": nfes, "ms_per_nfe": 1e3 * seconds / nfes,
           "forwards": int(out.forwards), "timelines": timelines}
 
@@ -235,13 +242,14 @@ def main(argv):
           "n_heads": m.n_heads, "vocab_size": m.vocab_size, "dtype": m.dtype,
           "attention": m.attention,
           "weights": _WORKDIR.value or "random"}
-  for bits in map(int, _NUCLEUS_BITS.value):
+  for bits in nucleus_bits_values():
     speed_cfg = sampler_cfg(config, rule="first_hitting", nucleus_bits=bits)
     for batch in map(int, _BATCHES.value):
       result = run_sampler(model, params, ids, speed_cfg, batch, runs)
       common.emit({"kind": "speed", **base, **result})
       if _PROFILE.value:
-        directory = os.path.join(_PROFILE.value, f"bits{bits}_batch{batch}")
+        directory = os.path.join(_PROFILE.value,
+                                 f"bits{speed_cfg.nucleus_pass_bits}_batch{batch}")
         common.emit({"kind": "profile", **base,
                      **profile(model, params, ids, speed_cfg, batch, directory)})
   for text in _PARALLEL.value:

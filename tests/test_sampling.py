@@ -8,6 +8,7 @@ import jax_helpers
 from conftest import MASK_ID, VOCAB, apply_fn, random_params, tiny_model
 
 from bd3jax import sampling
+from bd3jax.kernels import platform
 from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model import dense_attention, transformer
 from bd3jax.model.transformer import DiT, init_cache
@@ -407,6 +408,14 @@ def test_the_only_loops_are_blocks_and_steps(rule):
 def test_bad_sampler_settings(kwargs, message):
   with pytest.raises(ValueError, match=message):
     sampling.SamplerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("backend,nucleus_bits,expected", [
+    ("gpu", None, 4), ("cpu", None, 1), ("tpu", None, 1), ("gpu", 2, 2), ("cpu", 3, 3)])
+def test_nucleus_bits_default_by_backend(monkeypatch, backend, nucleus_bits, expected):
+  monkeypatch.setattr(platform, "backend", lambda: backend)
+  cfg = sampling.SamplerConfig(length=16, block_size=4, steps=2, nucleus_bits=nucleus_bits)
+  assert cfg.nucleus_pass_bits == expected
 
 
 @pytest.mark.parametrize("kwargs,message", [
