@@ -15,13 +15,15 @@
 #   cudnn and xla, in one process (an earlier sweep of eight pallas settings and cudnn took
 #   37 s on an H200, 2026-11-27);
 # - train_step: the small model (configs/base.py) with pallas, then cudnn attention, train step
-#   only (--noeval). XLA compiles slowly here: on an H200 (2026-11-27) the parameter init took
-#   23 s and the train step 45 s with XLA's GEMM autotuning off, and with it on (the default)
-#   init plus train step did not finish within 130 s, so allow minutes per command;
+#   only (--noeval). XLA compiles slowly here: on an H200 (2026-11-27) the pallas command took
+#   136 s in all (the train step's compile 106 s) with XLA's default flags, 89 s (53 s) with
+#   XLA_FLAGS=--xla_gpu_enable_triton_gemm=false as launch/gpu_slurm.sh sets it;
 # - sampler: batch 1 and 64 at one token per NFE, with the nucleus search settling 1 and then
 #   4 bits per pass over the vocabulary (30 or 8 dependent passes per NFE), and two parallel
 #   rules at batch 64, with the Pallas decode kernel (model.attention=pallas), then dense
-#   KV-cache attention.
+#   KV-cache attention. Each compile takes 10-60 s on an H200: the pallas command had not
+#   reached its parallel rules after 220 s (2026-11-27), so give it PART_TIMEOUT=600.
+# XLA_FLAGS and other settings in the environment apply to every command.
 # train_step:IMPLS and sampler:IMPLS run only the listed attention implementations (comma-
 # separated), in that order.
 # The train_step and sampler commands also trace a short run (two train steps; eight blocks
@@ -103,7 +105,8 @@ def cells(record, keys):
 
 
 def print_profile(name, record):
-  """The busiest GPU streams of a traced run (else device or host timelines), their top ops."""
+  """The busiest GPU streams of a traced run (else device or host timelines): time by kind of
+  op, then the top ops."""
   device = [t for t in record["timelines"] if t["plane"].startswith("/device:")]
   timelines = ([t for t in device if t["line"].startswith("Stream")] or device or
                record["timelines"])
@@ -111,6 +114,8 @@ def print_profile(name, record):
                                  "wall_ms_per_step")))
   for t in sorted(timelines, key=lambda t: -t["busy_ms"])[:2]:
     print(f"{name} profile {what} {t['line']}: busy {t['busy_ms']:.1f} of {t['span_ms']:.1f} ms")
+    print("  by kind:", ", ".join(f"{k['kind']} {k['total_ms']:.2f} ms ({k['count']}x)"
+                                  for k in t["kinds"][:14]))
     for op in t["top"][:8]:
       print(f"    {op['total_ms']:9.2f} ms {op['count']:6d}x {op['mean_us']:9.1f} us  {op['op']}"
             f"{' (' + op['kernel'] + ')' if 'kernel' in op else ''}")

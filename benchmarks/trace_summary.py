@@ -8,17 +8,22 @@
 (planes named /device:...), or a host thread that ran XLA's CPU thunks. Counted: every event of
 a device plane, and on host planes the events that carry an `hlo_op` stat. Events are grouped by
 that stat (the HLO instruction, e.g. a fusion) or else by their name (a memcpy, a kernel of no
-HLO op); a group's `kernel` is its events' name where that differs (e.g. the GPU kernel of a
-fusion). Per timeline:
+HLO op, each kernel of an XLA command buffer, i.e. a CUDA graph, whose events all carry the
+command buffer's op); a group's `kernel` is its events' name where that differs (e.g. the GPU
+kernel of a fusion). Per timeline:
 - busy_ms: the union of its events' intervals; span_ms: its first start to its last end, so
   busy / span below 1 is time the timeline sat idle (launches, host syncs) within the trace;
-- top: the `top` groups by total time: count, total_ms, mean_us.
+- top: the `top` groups by total time: count, total_ms, mean_us;
+- kinds: every event counted once by `kind` (matrix multiplies, each Pallas kernel, each
+  fusion kind, memcpy/memset), by total time: count, total_ms. Where the time goes, when the
+  top groups are each layer's copy of the same op.
 """
 
 import argparse
 import collections
 import glob
 import os
+import re
 import sys
 import time
 
@@ -55,6 +60,22 @@ def _union_ns(intervals) -> float:
   return total
 
 
+_GEMM = re.compile(r"gemm|xmma|nvjet|matmul|cutlass|cublas|^dot\b", re.IGNORECASE)
+
+
+def kind(op: str | None, name: str) -> str:
+  """The coarse class of an event of HLO op `op` (None: none) named `name`: "Memcpy..." or
+  "Memset" for copies, "gemm" for matrix multiplies (cuBLAS, CUTLASS, Triton GEMM fusions,
+  XLA:CPU dots), the kernel's name for Pallas and other custom calls, else the op's name
+  without its number ("loop_add_fusion_137" -> "loop_add_fusion")."""
+  if name.startswith(("Memcpy", "Memset")):
+    return name.split()[0]
+  if _GEMM.search(name) or (op and _GEMM.search(op)):
+    return "gemm"
+  by_kernel = op is None or op.startswith(("pallas_call", "command_buffer", "custom-call"))
+  return re.sub(r"[._]\d+$", "", name if by_kernel else op)
+
+
 def summarize(path: str, top: int = 20) -> list[dict]:
   """One dict per timeline that holds counted events (see the module docstring)."""
   timelines = []
@@ -62,14 +83,18 @@ def summarize(path: str, top: int = 20) -> list[dict]:
     on_device = plane.name.startswith("/device:")
     for line in plane.lines:
       total_ns, count, kernel, intervals = collections.Counter(), collections.Counter(), {}, []
+      kind_ns, kind_count = collections.Counter(), collections.Counter()
       for event in line.events:
         op = dict(event.stats).get("hlo_op")
         if op is None and not on_device:
           continue
-        key = op or event.name
+        key = event.name if op is None or op.startswith("command_buffer") else op
         total_ns[key] += event.duration_ns
         count[key] += 1
         kernel.setdefault(key, event.name)
+        event_kind = kind(op, event.name)
+        kind_ns[event_kind] += event.duration_ns
+        kind_count[event_kind] += 1
         intervals.append((event.start_ns, event.end_ns))
       if not intervals:
         continue
@@ -79,7 +104,9 @@ def summarize(path: str, top: int = 20) -> list[dict]:
           "span_ms": (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e6,
           "top": [{"op": key, **({"kernel": kernel[key]} if kernel[key] != key else {}),
                    "count": count[key], "total_ms": ns / 1e6, "mean_us": ns / count[key] / 1e3}
-                  for key, ns in total_ns.most_common(top)]})
+                  for key, ns in total_ns.most_common(top)],
+          "kinds": [{"kind": k, "count": kind_count[k], "total_ms": ns / 1e6}
+                    for k, ns in kind_ns.most_common()]})
   return timelines
 
 

@@ -18,6 +18,9 @@ def test_trace_summary_counts_every_op_of_every_call(tmp_path):
   for timeline in timelines:
     assert 0 < timeline["busy_ms"] <= timeline["span_ms"] <= 1e3 * seconds
     assert sum(op["count"] for op in timeline["top"]) == timeline["events"]
+    assert sum(k["count"] for k in timeline["kinds"]) == timeline["events"]
+    assert sum(k["total_ms"] for k in timeline["kinds"]) == pytest.approx(
+        sum(op["total_ms"] for op in timeline["top"]))
     counts.update({op["op"]: op["count"] for op in timeline["top"]})
   assert counts and set(counts.values()) == {3}, counts
 
@@ -26,3 +29,22 @@ def test_trace_summary_union_and_missing_trace(tmp_path):
   assert trace_summary._union_ns([(0, 10), (5, 12), (20, 21), (2, 3)]) == 13
   with pytest.raises(FileNotFoundError, match="no .*xplane.pb"):
     trace_summary.newest_trace(str(tmp_path))
+
+
+@pytest.mark.parametrize("op,name,expected", [
+    ("custom-call.317", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("cublas-lt-matmul.65", "Memset 3", "Memset"),
+    ("cublas-lt-matmul.65", "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_TNN", "gemm"),
+    ("custom-call.40", "cudnn_sdpa_sm90_flash_fprop_1", "cudnn_sdpa_sm90_flash_fprop"),
+    ("custom-call.219", "Memset 3", "Memset"),
+    ("gemm_fusion_dot.12", "gemm_fusion_dot_12", "gemm"),
+    ("pallas_call.153", "bd3_attention_dkv", "bd3_attention_dkv"),
+    ("command_buffer_1", "loop_add_fusion_137", "loop_add_fusion"),
+    ("input_reduce_fusion.4", "input_reduce_fusion_4", "input_reduce_fusion"),
+    ("while.5", "MemcpyD2H", "MemcpyD2H"),
+    (None, "MemcpyH2D", "MemcpyH2D"),
+    ("dot.3", "dot.3", "gemm"),
+    ("wrapped_concatenate", "wrapped_concatenate", "wrapped_concatenate"),
+])
+def test_trace_summary_kinds(op, name, expected):
+  assert trace_summary.kind(op, name) == expected
