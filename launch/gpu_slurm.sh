@@ -55,10 +55,12 @@ source "$repo/launch/common.sh"
 if [[ -n "${SLURM_JOB_ID:-}" || $dry_run -eq 1 ]]; then
   [[ -n "${SLURM_JOB_ID:-}" ]] || echo "# inside the allocation the job runs:"
   # One task per GPU, every GPU visible to every task: JAX picks GPU SLURM_LOCALID. Each process
-  # owns its GPU, so it may take 90% of the memory (JAX's default is 75%).
+  # owns its GPU, so it may take 90% of the memory (JAX's default is 75%). Unless XLA_FLAGS is
+  # set, XLA's matmuls go to cuBLAS instead of Triton GEMM fusions (launch/README.md).
+  exports=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+  [[ -n "${XLA_FLAGS:-}" ]] || exports+=,XLA_FLAGS=--xla_gpu_enable_triton_gemm=false
   run srun --nodes="$nodes" --ntasks-per-node="$gpus" --kill-on-bad-exit=1 --chdir="$repo" \
-    --export=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}" \
-    "$python" main.py --distributed=on --workdir="$workdir" "${main_flags[@]}"
+    --export="$exports" "$python" main.py --distributed=on --workdir="$workdir" "${main_flags[@]}"
 fi
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   [[ $dry_run -eq 0 ]] || echo "# submitted with:"

@@ -14,12 +14,12 @@ SCRIPTS = sorted(LAUNCH.glob("*.sh"))
 
 # As outside a SLURM allocation, with JAX's default GPU memory fraction.
 ENV = {k: v for k, v in os.environ.items()
-       if k not in ("SLURM_JOB_ID", "XLA_PYTHON_CLIENT_MEM_FRACTION")}
+       if k not in ("SLURM_JOB_ID", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_FLAGS")}
 
 
-def dry_run(script: str, *args) -> list[str]:
+def dry_run(script: str, *args, env=None) -> list[str]:
   proc = subprocess.run(["bash", str(LAUNCH / script), "--dry-run", *args], capture_output=True,
-                        text=True, timeout=60, env=ENV)
+                        text=True, timeout=60, env={**ENV, **(env or {})})
   assert proc.returncode == 0, proc.stderr
   return proc.stdout.splitlines()
 
@@ -68,7 +68,8 @@ def test_gpu_slurm_runs_one_process_per_gpu():
                   "--workdir=/shared/owt", "--", "--config=configs/owt_bd3lm_8xh100.py")
   srun = next(line for line in lines if line.startswith("srun "))
   assert srun.startswith("srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 --chdir=")
-  assert " --export=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 " in srun
+  assert (" --export=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION=0.9,"
+          "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false " in srun)
   assert srun.endswith(" python3 main.py --distributed=on --workdir=/shared/owt "
                        "--config=configs/owt_bd3lm_8xh100.py")
   sbatch = next(line for line in lines if line.startswith("sbatch "))
@@ -76,6 +77,12 @@ def test_gpu_slurm_runs_one_process_per_gpu():
   assert "--partition=gpu" in sbatch and "--time=24:00:00" in sbatch
   assert sbatch.endswith("gpu_slurm.sh --nodes=2 --partition=gpu --time=24:00:00 "
                          "--workdir=/shared/owt -- --config=configs/owt_bd3lm_8xh100.py")
+
+
+def test_gpu_slurm_keeps_the_users_xla_flags():
+  lines = dry_run("gpu_slurm.sh", "--workdir=/shared/owt", env={"XLA_FLAGS": "--xla_dump_to=/d"})
+  srun = next(line for line in lines if line.startswith("srun "))
+  assert " --export=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 " in srun
 
 
 def test_gpu_slurm_needs_a_workdir():
