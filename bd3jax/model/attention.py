@@ -6,7 +6,7 @@ bd3jax's block-sparse kernel (GPU via Triton; interpreted on CPU), `splash` JAX'
 attention with the BD3 mask (interpreted on CPU); both skip the empty tiles of the mask.
 `auto` picks per backend: `splash` on TPU, `dense` on CPU, and on GPU `pallas` (float32 or
 bfloat16 with a power-of-two head dim in [16, 256]), else `cudnn` (float16) or `xla`. On an
-H200 the Pallas kernel ran the training attention 2.9x (forward) and 2.7x (forward and
+H200 the Pallas kernel ran the training attention 3.3x (forward) and 2.9x (forward and
 backward) faster than cuDNN with the dense mask (README, "Attention").
 Under a device mesh (`jax.set_mesh`) `pallas` and `splash` run on each device's shard of batch
 and heads (`shard_map`, axes from `logical_axes`): a kernel is opaque to XLA's partitioner,
