@@ -9,6 +9,7 @@ Both reduce per-token losses the same way: the mean over all L tokens of the bat
 """
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -39,12 +40,46 @@ class LossConfig:
     return self.clip_min >= 1.0 and self.clip_max >= 1.0
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def target_log_prob(logits_BLV, target_BL, excluded_id: int | None = None):
+  """log softmax(logits)[target] in float32 [B, L], token `excluded_id`'s logit set to -inf.
+
+  What log_softmax followed by take_along_axis computes, written so that XLA can fuse each pass
+  over the [B, L, V] logits: the forward only reduces (the log-sum-exp, and the target's logit
+  by a select, not a gather), the backward recomputes the softmax from the logits instead of
+  keeping it and returns their gradient in their dtype in one elementwise pass (no scatter)."""
+  return _target_log_prob_fwd(logits_BLV, target_BL, excluded_id)[0]
+
+
+def _excluded(logits_BLV, excluded_id):
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  if excluded_id is None:
+    return logits_BLV
+  return jnp.where(jnp.arange(logits_BLV.shape[-1]) == excluded_id, -jnp.inf, logits_BLV)
+
+
+def _target_log_prob_fwd(logits_BLV, target_BL, excluded_id):
+  masked_BLV = _excluded(logits_BLV, excluded_id)
+  lse_BL = jax.nn.logsumexp(masked_BLV, axis=-1)
+  hit_BLV = jnp.arange(masked_BLV.shape[-1]) == target_BL[..., None]
+  target_logit_BL = jnp.sum(jnp.where(hit_BLV, masked_BLV, 0.0), axis=-1)
+  return target_logit_BL - lse_BL, (logits_BLV, target_BL, lse_BL)
+
+
+def _target_log_prob_bwd(excluded_id, residuals, g_BL):
+  logits_BLV, target_BL, lse_BL = residuals
+  probs_BLV = jnp.exp(_excluded(logits_BLV, excluded_id) - lse_BL[..., None])
+  hit_BLV = jnp.arange(logits_BLV.shape[-1]) == target_BL[..., None]
+  grad_BLV = g_BL[..., None] * (hit_BLV.astype(jnp.float32) - probs_BLV)
+  return grad_BLV.astype(logits_BLV.dtype), None
+
+
+target_log_prob.defvjp(_target_log_prob_fwd, _target_log_prob_bwd)
+
+
 def subs_log_prob(logits_BLV, x0_BL, masked_BL, mask_id: int):
   """log p(x_0 | x_t) under SUBS: [MASK] gets -inf, unmasked positions copy x_t (log p = 0)."""
-  logits_BLV = logits_BLV.at[..., mask_id].set(-jnp.inf)
-  target_BL = jnp.take_along_axis(logits_BLV, x0_BL[..., None], axis=-1)[..., 0]
-  log_p_BL = target_BL - jax.nn.logsumexp(logits_BLV, axis=-1)
-  return jnp.where(masked_BL, log_p_BL, 0.0)
+  return jnp.where(masked_BL, target_log_prob(logits_BLV, x0_BL, mask_id), 0.0)
 
 
 def forward_process(key, x0_BL, cfg: LossConfig, interval=None):
@@ -88,8 +123,7 @@ def nelbo(apply_fn: Callable, x0_BL, key, cfg: LossConfig, train: bool = True, i
   if cfg.algo == "ar":
     mask = AttentionMask(MaskKind.BLOCK_CAUSAL, cfg.length - 1, 1)
     logits_BLV = apply_fn(x0_BL[:, :-1], None, mask, **kwargs)
-    log_p = jax.nn.log_softmax(logits_BLV, axis=-1)
-    nll_BL = -jnp.take_along_axis(log_p, x0_BL[:, 1:, None], axis=-1)[..., 0]
+    nll_BL = -target_log_prob(logits_BLV, x0_BL[:, 1:])
     token_loss_BL = jnp.pad(nll_BL, ((0, 0), (1, 0)))  # position 0 (BOS) is not predicted
     loss = nll_BL.mean()
   else:

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import MASK_ID, VOCAB, apply_fn, random_params, random_tokens, tiny_model
 
 from bd3jax import diffusion
@@ -16,6 +17,38 @@ def test_subs_log_prob():
   out = diffusion.subs_log_prob(logits, x0, masked, mask_id=3)
   expected = 1.0 - np.log(np.exp(0) + np.exp(1) + np.exp(2))
   np.testing.assert_allclose(out, [[expected, 0.0]], rtol=1e-6)
+
+
+def dense_target_log_prob(logits_BLV, target_BL, excluded_id):
+  """The obvious float32 version: -inf at the excluded token, log_softmax, then a gather."""
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  if excluded_id is not None:
+    logits_BLV = logits_BLV.at[..., excluded_id].set(-jnp.inf)
+  return jnp.take_along_axis(jax.nn.log_softmax(logits_BLV), target_BL[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("excluded_id", [None, 0, 7])
+def test_target_log_prob_matches_log_softmax_and_a_gather(rng, dtype, excluded_id):
+  """Values and the logits' gradient (in the logits' dtype) against the float32 reference on
+  fresh random logits, targets never the excluded token."""
+  k_logits, k_target, k_g = jax.random.split(rng, 3)
+  logits = (4.0 * jax.random.normal(k_logits, (3, 6, 50))).astype(dtype)
+  target = jax.random.randint(k_target, (3, 6), 1, 50)
+  target = jnp.where(target == excluded_id, 8, target)
+  g = jax.random.normal(k_g, (3, 6))
+  out = diffusion.target_log_prob(logits, target, excluded_id)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, dense_target_log_prob(logits, target, excluded_id),
+                             rtol=1e-6, atol=1e-5)
+  grad = jax.grad(lambda x: (diffusion.target_log_prob(x, target, excluded_id) * g).sum())(logits)
+  expected = jax.grad(lambda x: (dense_target_log_prob(x, target, excluded_id) * g).sum())(
+      logits.astype(jnp.float32))
+  assert grad.dtype == dtype
+  tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(grad.astype(jnp.float32), expected, atol=tolerance)
+  if excluded_id is not None:
+    assert not grad[..., excluded_id].any()
 
 
 def test_full_masking_block_size_one_is_the_ar_nll(rng):
