@@ -349,16 +349,26 @@ class _Loop:
                       net=net, nfes_B=c.nfes_B + masked_B1[:, 0], forwards=c.forwards + 1)
 
   def denoise(self, c: _Carry, start) -> _Carry:
-    """Denoising steps until every live sequence's block is filled."""
+    """Denoising steps until every live sequence's block is filled.
+
+    First hitting fills one position of every live sequence per step, so its `max_steps` (L')
+    steps fill any block: they run as a loop of fixed length (on GPU XLA then runs the steps
+    back to back, where a data-dependent loop has the host read its predicate after each step),
+    skipped for a block with nothing to fill. The other rules stop once every block is filled.
+    """
     b, k = c.tokens_BS.shape[0], self.cfg.block_size
     logits = (jnp.zeros((b, k, self.net_vocab(c)), jnp.float32) if self.cfg.rule == "ddpm"
               else None)
     init = _StepCarry(step=jnp.int32(0), tokens_BS=c.tokens_BS, net=c.net, logits_BKV=logits,
                       changed_B=jnp.ones((b,), bool), t_B=jnp.ones((b,), jnp.float32),
                       nfes_B=c.nfes_B, forwards=c.forwards)
-    def cond(s: _StepCarry):
-      return (s.step < self.cfg.max_steps) & self.masked(s.tokens_BS, start, c.done_B)[1].any()
-    s = jax.lax.while_loop(cond, lambda s: self.step(s, c.block, start, c.done_B), init)
+    step = lambda s: self.step(s, c.block, start, c.done_B)
+    to_fill = lambda s: self.masked(s.tokens_BS, start, c.done_B)[1].any()
+    if self.cfg.rule == "first_hitting":
+      steps = lambda s: jax.lax.fori_loop(0, self.cfg.max_steps, lambda _, s: step(s), s)
+      s = jax.lax.cond(to_fill(init), steps, lambda s: s, init)
+    else:
+      s = jax.lax.while_loop(lambda s: (s.step < self.cfg.max_steps) & to_fill(s), step, init)
     return c._replace(tokens_BS=s.tokens_BS, net=s.net, nfes_B=s.nfes_B, forwards=s.forwards)
 
   def net_vocab(self, c: _Carry) -> int:

@@ -383,16 +383,24 @@ def test_one_and_thirty_blocks_share_one_compilation():
 @pytest.mark.parametrize("rule", ["first_hitting", "threshold", "topk", "entropy"])
 def test_the_only_loops_are_blocks_and_steps(rule):
   """A loop over blocks around a loop over steps, and no other loop or branch (the entropy stop
-  included): on GPU, XLA runs each loop iteration from the host and leaves loops out of its
-  CUDA graphs, so a loop in a step (e.g. the nucleus search, unrolled) costs launches per NFE."""
+  included): on GPU, XLA launches each loop iteration from the host (loops stay out of its CUDA
+  graphs) and reads a data-dependent loop's predicate back after each iteration, so a loop in a
+  step (e.g. the nucleus search, unrolled) costs launches per NFE. First hitting's steps are a
+  loop of fixed length L' (no predicate to read), under one branch per block."""
   model, params = model_and_params()
   cfg = sampling.SamplerConfig(length=L, block_size=LB, steps=LB, rule=rule, entropy_window=8)
   jaxpr = jax.make_jaxpr(lambda p, k: sampling._generate(
       p, k, jnp.zeros((2, 0), jnp.int32), jnp.zeros((2,), jnp.int32), jnp.int32(2),
       model=model, cfg=cfg, bos_id=BOS, eos_id=EOS, mask_id=MASK_ID, on_block=None))(
           params, jax.random.split(jax.random.key(0), 2))
-  assert jax_helpers.control_flow_depth(jaxpr.jaxpr) == 2
-  assert sum(map(jax_helpers.is_loop_or_branch, jax_helpers.equations(jaxpr.jaxpr))) == 2
+  flow = [eqn for eqn in jax_helpers.equations(jaxpr.jaxpr) if jax_helpers.is_loop_or_branch(eqn)]
+  if rule == "first_hitting":
+    assert [eqn.primitive.name for eqn in flow] == ["while", "cond", "scan"]
+    assert flow[2].params["length"] == LB
+    assert jax_helpers.control_flow_depth(jaxpr.jaxpr) == 3
+  else:
+    assert [eqn.primitive.name for eqn in flow] == ["while", "while"]
+    assert jax_helpers.control_flow_depth(jaxpr.jaxpr) == 2
 
 
 @pytest.mark.parametrize("kwargs,message", [
