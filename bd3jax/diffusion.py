@@ -61,7 +61,7 @@ def _excluded(logits_BLV, excluded_id):
 def _target_log_prob_fwd(logits_BLV, target_BL, excluded_id):
   masked_BLV = _excluded(logits_BLV, excluded_id)
   lse_BL = jax.nn.logsumexp(masked_BLV, axis=-1)
-  hit_BLV = jnp.arange(masked_BLV.shape[-1]) == target_BL[..., None]
+  hit_BLV = jax.nn.one_hot(target_BL, masked_BLV.shape[-1], dtype=jnp.bool_)
   target_logit_BL = jnp.sum(jnp.where(hit_BLV, masked_BLV, 0.0), axis=-1)
   return target_logit_BL - lse_BL, (logits_BLV, target_BL, lse_BL)
 
@@ -69,8 +69,8 @@ def _target_log_prob_fwd(logits_BLV, target_BL, excluded_id):
 def _target_log_prob_bwd(excluded_id, residuals, g_BL):
   logits_BLV, target_BL, lse_BL = residuals
   probs_BLV = jnp.exp(_excluded(logits_BLV, excluded_id) - lse_BL[..., None])
-  hit_BLV = jnp.arange(logits_BLV.shape[-1]) == target_BL[..., None]
-  grad_BLV = g_BL[..., None] * (hit_BLV.astype(jnp.float32) - probs_BLV)
+  hit_BLV = jax.nn.one_hot(target_BL, logits_BLV.shape[-1], dtype=jnp.float32)
+  grad_BLV = g_BL[..., None] * (hit_BLV - probs_BLV)
   return grad_BLV.astype(logits_BLV.dtype), None
 
 
