@@ -103,6 +103,45 @@ def test_forward_and_gradients_match_dense(kind, seq_len, block_size, dtype, hea
       assert relative_error(g, g_ref) < 1.5e-2
 
 
+# (mask kind, L, L', queries Q, dtype, block_q, block_k, (dq, dkv) launches or None): the x_t
+# half of the training mask (Q = L), a Q no tile divides, Q = 1 and Q = T.
+PREFIX_CASES = [
+    (TRAINING, 16, 1, 16, jnp.float32, 8, 8, None),
+    (TRAINING, 16, 4, 16, jnp.bfloat16, 8, 8, None),
+    (TRAINING, 32, 16, 32, jnp.float32, 16, 8, (Launch(8, 16), Launch(16, 8))),
+    (TRAINING, 16, 16, 16, jnp.float32, 8, 8, None),
+    (TRAINING, 16, 4, 13, jnp.float32, 8, 8, (Launch(4, 8), Launch(16, 4))),
+    (TRAINING, 16, 4, 1, jnp.float32, 8, 8, None),
+    (BLOCK_CAUSAL, 31, 1, 31, jnp.float32, 8, 8, None),
+    (BLOCK_CAUSAL, 31, 1, 20, jnp.bfloat16, 8, 8, None),
+]
+
+
+@pytest.mark.parametrize("kind,seq_len,block_size,queries,dtype,block_q,block_k,backward",
+                         PREFIX_CASES)
+def test_first_queries_match_the_dense_rows(kind, seq_len, block_size, queries, dtype, block_q,
+                                            block_k, backward):
+  """Q < T queries: the output and gradients of the first Q rows of the whole attention."""
+  mask = AttentionMask(kind, seq_len, block_size)
+  shape = (2, mask.num_tokens, 3, 64)
+  q, k, v, do = qkv_and_cotangent(queries + seq_len + block_size, shape, dtype)
+  q, do = q[:, :queries], do[:, :queries]
+  dq, dkv = backward or (None, None)
+  pallas = functools.partial(block_sparse_attention, mask=mask, block_q=block_q, block_k=block_k,
+                             dq=dq, dkv=dkv)
+  o, grads = value_and_grads(pallas, q, k, v, do)
+  assert o.shape == q.shape and grads[0].shape == q.shape and grads[1].shape == k.shape
+  dense_rows = functools.partial(dense_attention, mask_TS=mask.dense()[:queries])
+  o_ref, grads_ref = value_and_grads(dense_rows, *(x.astype(jnp.float32) for x in (q, k, v, do)))
+  tolerance = 1e-5 if dtype == jnp.float32 else 1.5e-2
+  assert relative_error(o, o_ref) < tolerance
+  for g, g_ref in zip(grads, grads_ref):
+    assert relative_error(g, g_ref) < 10 * tolerance
+  for implementation in ("dense", "xla"):  # the dispatcher's other paths take a prefix too
+    o_impl = attention(q, k, v, mask, implementation)
+    assert o_impl.shape == q.shape and relative_error(o_impl, o_ref) < tolerance
+
+
 def test_every_output_element_is_written():
   """The interpreter fills outputs with NaN before the kernel runs; none may survive."""
   def writes_nothing(x_ref, o_ref):
@@ -147,12 +186,14 @@ def test_model_loss_and_gradients_identical_with_dense_and_pallas(rng, monkeypat
                grads_pallas, grads_dense)
 
 
-def test_splash_matches_dense_with_gradients():
+@pytest.mark.parametrize("queries", [256, 128, 100])  # all, the x_t half, not a block multiple
+def test_splash_matches_dense_with_gradients(queries):
   mask = AttentionMask(TRAINING, 128, 16)  # T = 256: 2 x 2 splash blocks of 128
   q, k, v, do = qkv_and_cotangent(1, (2, 256, 2, 64), jnp.float32)
+  q, do = q[:, :queries], do[:, :queries]
   o, grads = value_and_grads(functools.partial(splash_attention, mask=mask), q, k, v, do)
-  o_ref, grads_ref = value_and_grads(functools.partial(dense_attention, mask_TS=mask.dense()),
-                                     q, k, v, do)
+  o_ref, grads_ref = value_and_grads(
+      functools.partial(dense_attention, mask_TS=mask.dense()[:queries]), q, k, v, do)
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
   for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
@@ -172,8 +213,16 @@ def test_dispatch_and_errors():
     block_sparse_attention(q, k, v, mask, block_q=12)
   with pytest.raises(ValueError, match="num_warps=3 must be"):
     block_sparse_attention(q, k, v, mask, num_warps=3)
-  with pytest.raises(ValueError, match="covers 8 tokens, q has 16"):
+  with pytest.raises(ValueError, match="covers 8 tokens, k and v have 16"):
     block_sparse_attention(q, k, v, AttentionMask(TRAINING, 4, 4))
+  with pytest.raises(ValueError, match="covers 8 tokens, k and v have 16"):
+    splash_attention(q, k, v, AttentionMask(TRAINING, 4, 4))
+  with pytest.raises(ValueError, match="q has 17 queries"):
+    block_sparse_attention(jnp.concatenate([q, q[:, :1]], axis=1), k, v, mask)
+  with pytest.raises(ValueError, match=r"needs q \[B, Q, H, K\] and k, v \[B, T, H, K\]"):
+    block_sparse_attention(q, k, v[:, :, :1], mask)
+  with pytest.raises(ValueError, match=r"needs q \[B, Q, H, K\] and k, v \[B, T, H, K\]"):
+    splash_attention(q[:, :, :1], k, v, mask)
   with pytest.raises(ValueError, match="float32 or all bfloat16"):
     block_sparse_attention(q, k.astype(jnp.bfloat16), v, mask)
   with pytest.raises(ValueError, match="num_stages=0"):

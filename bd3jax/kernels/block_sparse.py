@@ -1,7 +1,9 @@
 """Block-sparse flash attention for the BD3 masks: a Pallas kernel, forward and backward.
 
-`block_sparse_attention(q_BTHK, k_BTHK, v_BTHK, mask)` equals `dense_attention` under
-`mask.dense()`, without ever touching an empty tile (see `tiles.py` for the tile lists).
+`block_sparse_attention(q_BQHK, k_BTHK, v_BTHK, mask)` equals `dense_attention` under
+`mask.dense()`, without ever touching an empty tile (see `tiles.py` for the tile lists). The
+queries are the first Q <= T of the mask's T tokens: with Q < T (the x_t half in the training
+pass's last layer) the kernels visit only those queries' tiles.
 - Forward: one program per (batch, head, query tile); it walks the key tiles of its row,
   full ones without mask arithmetic, then partial ones through `tiles.visible`, with an
   online softmax in float32; it writes the output and the log-sum-exp `lse2_BHT` (float32, in
@@ -59,32 +61,36 @@ class Launch:
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Static arguments of the kernels (hashable); `num_tokens` is T after padding."""
+  """Static arguments of the kernels (hashable); `num_tokens` is T and `num_queries` Q after
+  padding."""
   mask: AttentionMask
   num_tokens: int
+  num_queries: int
   forward: Launch
   dq: Launch
   dkv: Launch
   interpret: bool
 
 
-def block_sparse_attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, *,
+def block_sparse_attention(q_BQHK, k_BTHK, v_BTHK, mask: AttentionMask, *,
                            block_q: int | None = None, block_k: int | None = None,
                            num_warps: int | None = None, num_stages: int = NUM_STAGES,
                            dq: Launch | None = None, dkv: Launch | None = None,
                            interpret: bool | None = None):
-  """softmax(q k^T / sqrt(K) + mask) v over T = mask.num_tokens tokens, block-sparse.
+  """softmax(q k^T / sqrt(K) + mask) v over T = mask.num_tokens tokens, block-sparse, for the
+  first Q <= T of them (q's rows).
 
   The forward kernel's tiles `block_q`/`block_k` default to `BLOCK_Q`/`BLOCK_K`, `num_warps`
   (GPU) to `default_num_warps`; `num_stages` is Triton's software-pipelining depth of the tile
   loop. `dq`/`dkv`: the backward kernels' `Launch` (default: the forward's). `interpret`
   defaults to True on CPU. Differentiable in q, k and v.
   """
-  cfg = kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q, block_k, num_warps, interpret,
+  cfg = kernel_config(q_BQHK, k_BTHK, v_BTHK, mask, block_q, block_k, num_warps, interpret,
                       num_stages, dq=dq, dkv=dkv)
-  t = q_BTHK.shape[1]
-  pad = lambda x_BTHK: jnp.pad(x_BTHK, ((0, 0), (0, cfg.num_tokens - t), (0, 0), (0, 0)))
-  return _attention(pad(q_BTHK), pad(k_BTHK), pad(v_BTHK), cfg)[:, :t]
+  pad = lambda x_BTHK, n: jnp.pad(x_BTHK, ((0, 0), (0, n - x_BTHK.shape[1]), (0, 0), (0, 0)))
+  o_BQHK = _attention(pad(q_BQHK, cfg.num_queries), pad(k_BTHK, cfg.num_tokens),
+                      pad(v_BTHK, cfg.num_tokens), cfg)
+  return o_BQHK[:, :q_BQHK.shape[1]]
 
 
 def default_num_warps(head_dim: int, dtype) -> int:
@@ -123,20 +129,16 @@ def check_tiles_and_warps(kernel: str, num_warps: int, **tiles: int) -> None:
     raise ValueError(f"{kernel} num_warps={num_warps} must be 1, 2, 4, 8 or 16")
 
 
-def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_warps=None,
+def kernel_config(q_BQHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_warps=None,
                   interpret=None, num_stages=NUM_STAGES, *, dq: Launch | None = None,
                   dkv: Launch | None = None) -> KernelConfig:
-  """Checks the inputs and settles each kernel's launch, the padded length and interpret mode.
+  """Checks the inputs and settles each kernel's launch, the padded lengths and interpret mode.
   Tiles larger than T rounded up to a power of two are clipped to it."""
-  if not q_BTHK.shape == k_BTHK.shape == v_BTHK.shape or q_BTHK.ndim != 4:
-    raise ValueError(f"pallas attention needs q, k, v of one shape [B, T, H, K]; got "
-                     f"{q_BTHK.shape}, {k_BTHK.shape}, {v_BTHK.shape}")
-  if not q_BTHK.dtype == k_BTHK.dtype == v_BTHK.dtype or q_BTHK.dtype not in DTYPES:
+  check_query_prefix("pallas", q_BQHK, k_BTHK, v_BTHK, mask)
+  if not q_BQHK.dtype == k_BTHK.dtype == v_BTHK.dtype or q_BQHK.dtype not in DTYPES:
     raise ValueError(f"pallas attention needs q, k, v all float32 or all bfloat16; got "
-                     f"{q_BTHK.dtype}, {k_BTHK.dtype}, {v_BTHK.dtype}")
-  t, head_dim = q_BTHK.shape[1], q_BTHK.shape[3]
-  if t != mask.num_tokens:
-    raise ValueError(f"the {mask.kind.value} mask covers {mask.num_tokens} tokens, q has {t}")
+                     f"{q_BQHK.dtype}, {k_BTHK.dtype}, {v_BTHK.dtype}")
+  q, t, head_dim = q_BQHK.shape[1], k_BTHK.shape[1], q_BQHK.shape[3]
   interpret = platform.interpret_by_default() if interpret is None else interpret
   if not interpret:
     check_gpu_build(head_dim, elsewhere="use 'splash' on TPU, 'dense' on CPU")
@@ -147,7 +149,7 @@ def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_
   for name, launch in (("forward", forward), ("dq", dq or forward), ("dkv", dkv or forward)):
     warps = launch.num_warps
     if warps is None:
-      warps = default_num_warps(head_dim, q_BTHK.dtype)
+      warps = default_num_warps(head_dim, q_BQHK.dtype)
     check_tiles_and_warps(f"pallas attention ({name})", warps, block_q=launch.block_q,
                           block_k=launch.block_k)
     if launch.num_stages < 1:
@@ -156,21 +158,37 @@ def kernel_config(q_BTHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_
     launches[name] = Launch(min(launch.block_q, t_pow2), min(launch.block_k, t_pow2), warps,
                             launch.num_stages)
   step = max(size for launch in launches.values() for size in (launch.block_q, launch.block_k))
-  return KernelConfig(mask, -(-t // step) * step, **launches, interpret=interpret)
+  round_up = lambda n: -(-n // step) * step
+  return KernelConfig(mask, round_up(t), round_up(q), **launches, interpret=interpret)
+
+
+def check_query_prefix(kernel: str, q_BQHK, k_BTHK, v_BTHK, mask: AttentionMask) -> None:
+  """Raises unless k and v are [B, T, H, K] with T = mask.num_tokens and q is [B, Q, H, K] with
+  1 <= Q <= T (the first Q tokens' queries)."""
+  if (q_BQHK.ndim != 4 or k_BTHK.ndim != 4 or k_BTHK.shape != v_BTHK.shape or
+      q_BQHK.shape[::2] != k_BTHK.shape[::2] or q_BQHK.shape[3] != k_BTHK.shape[3]):
+    raise ValueError(f"{kernel} attention needs q [B, Q, H, K] and k, v [B, T, H, K]; got "
+                     f"{q_BQHK.shape}, {k_BTHK.shape}, {v_BTHK.shape}")
+  if k_BTHK.shape[1] != mask.num_tokens:
+    raise ValueError(f"the {mask.kind.value} mask covers {mask.num_tokens} tokens, k and v have "
+                     f"{k_BTHK.shape[1]}")
+  if not 1 <= q_BQHK.shape[1] <= mask.num_tokens:
+    raise ValueError(f"q has {q_BQHK.shape[1]} queries; the first Q of the mask's "
+                     f"{mask.num_tokens} tokens are supported, 1 <= Q <= {mask.num_tokens}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):
-  return forward(q_BTHK, k_BTHK, v_BTHK, cfg)[0]
+def _attention(q_BQHK, k_BTHK, v_BTHK, cfg: KernelConfig):
+  return forward(q_BQHK, k_BTHK, v_BTHK, cfg)[0]
 
 
-def _attention_fwd(q_BTHK, k_BTHK, v_BTHK, cfg):
-  o_BTHK, lse2_BHT = forward(q_BTHK, k_BTHK, v_BTHK, cfg)
-  return o_BTHK, (q_BTHK, k_BTHK, v_BTHK, o_BTHK, lse2_BHT)
+def _attention_fwd(q_BQHK, k_BTHK, v_BTHK, cfg):
+  o_BQHK, lse2_BHQ = forward(q_BQHK, k_BTHK, v_BTHK, cfg)
+  return o_BQHK, (q_BQHK, k_BTHK, v_BTHK, o_BQHK, lse2_BHQ)
 
 
-def _attention_bwd(cfg, residuals, do_BTHK):
-  return backward(*residuals, do_BTHK, cfg)
+def _attention_bwd(cfg, residuals, do_BQHK):
+  return backward(*residuals, do_BQHK, cfg)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -284,14 +302,24 @@ def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, de
   dv_ref[...] = dv_KD.astype(dv_ref.dtype)
 
 
-def _specs(t, d, block):
-  """BlockSpecs over grid (batch, head, tile): a [block, K] tile, the whole [T, K] sequence,
-  a [block] and a [T] slice of a [B, H, T] array."""
-  tile = pl.BlockSpec((None, block, None, d), lambda b, h, n: (b, n, h, 0))
-  whole = pl.BlockSpec((None, t, None, d), lambda b, h, n: (b, 0, h, 0))
-  row_tile = pl.BlockSpec((None, None, block), lambda b, h, n: (b, h, n))
-  row_whole = pl.BlockSpec((None, None, t), lambda b, h, n: (b, h, 0))
-  return tile, whole, row_tile, row_whole
+def _tile(block, d):
+  """BlockSpec over grid (batch, head, tile) of a [block, K] tile of a [B, T, H, K] array."""
+  return pl.BlockSpec((None, block, None, d), lambda b, h, n: (b, n, h, 0))
+
+
+def _whole(t, d):
+  """BlockSpec of the whole [T, K] sequence of a [B, T, H, K] array."""
+  return pl.BlockSpec((None, t, None, d), lambda b, h, n: (b, 0, h, 0))
+
+
+def _row_tile(block):
+  """BlockSpec of a [block] slice of a [B, H, T] array."""
+  return pl.BlockSpec((None, None, block), lambda b, h, n: (b, h, n))
+
+
+def _row_whole(t):
+  """BlockSpec of a whole [T] row of a [B, H, T] array."""
+  return pl.BlockSpec((None, None, t), lambda b, h, n: (b, h, 0))
 
 
 def _list_specs(lists):
@@ -319,43 +347,45 @@ def _call(kernel, cfg, launch: Launch, grid, in_specs, out_specs, out_shape, nam
                      interpret=cfg.interpret)
 
 
-def forward(q_BTHK, k_BTHK, v_BTHK, cfg: KernelConfig):
-  """(o_BTHK, lse2_BHT): the output and float32 log-sum-exp in base 2 (the natural one times
-  log2 e); T already cfg.num_tokens."""
-  b, t, h, d = q_BTHK.shape
+def forward(q_BQHK, k_BTHK, v_BTHK, cfg: KernelConfig):
+  """(o_BQHK, lse2_BHQ): the output and float32 log-sum-exp in base 2 (the natural one times
+  log2 e); Q and T already cfg.num_queries and cfg.num_tokens."""
+  b, q, h, d = q_BQHK.shape
   f = cfg.forward
-  rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, f.block_q, f.block_k)
-  q_tile, whole, lse2_tile, _ = _specs(t, d, f.block_q)
+  rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, f.block_q, f.block_k, cfg.num_queries)
+  q_tile, kv_whole = _tile(f.block_q, d), _whole(cfg.num_tokens, d)
   return _call(
-      _forward_kernel, cfg, f, (b, h, t // f.block_q),
-      [*_list_specs(rows), q_tile, whole, whole], [q_tile, lse2_tile],
-      [jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
-       jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-      "bd3_attention_fwd")(*_list_args(rows), q_BTHK, k_BTHK, v_BTHK)
+      _forward_kernel, cfg, f, (b, h, q // f.block_q),
+      [*_list_specs(rows), q_tile, kv_whole, kv_whole], [q_tile, _row_tile(f.block_q)],
+      [jax.ShapeDtypeStruct(q_BQHK.shape, q_BQHK.dtype),
+       jax.ShapeDtypeStruct((b, h, q), jnp.float32)],
+      "bd3_attention_fwd")(*_list_args(rows), q_BQHK, k_BTHK, v_BTHK)
 
 
-def backward(q_BTHK, k_BTHK, v_BTHK, o_BTHK, lse2_BHT, do_BTHK, cfg: KernelConfig):
-  """(dq, dk, dv) from the forward's residuals and the output cotangent (T padded)."""
-  b, t, h, d = q_BTHK.shape
-  delta_BHT = jnp.einsum("bthk,bthk->bht", o_BTHK.astype(jnp.float32),
-                         do_BTHK.astype(jnp.float32))
-  do_BTHK = do_BTHK.astype(q_BTHK.dtype)
-  args = (q_BTHK, k_BTHK, v_BTHK, do_BTHK, lse2_BHT, delta_BHT)
+def backward(q_BQHK, k_BTHK, v_BTHK, o_BQHK, lse2_BHQ, do_BQHK, cfg: KernelConfig):
+  """(dq, dk, dv) from the forward's residuals and the output cotangent (Q and T padded)."""
+  b, q, h, d = q_BQHK.shape
+  t = cfg.num_tokens
+  delta_BHQ = jnp.einsum("bqhk,bqhk->bhq", o_BQHK.astype(jnp.float32),
+                         do_BQHK.astype(jnp.float32))
+  do_BQHK = do_BQHK.astype(q_BQHK.dtype)
+  args = (q_BQHK, k_BTHK, v_BTHK, do_BQHK, lse2_BHQ, delta_BHQ)
 
-  rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, cfg.dq.block_q, cfg.dq.block_k)
-  q_tile, whole, row_tile, _ = _specs(t, d, cfg.dq.block_q)
-  dq_BTHK = _call(
-      _dq_kernel, cfg, cfg.dq, (b, h, t // cfg.dq.block_q),
-      [*_list_specs(rows), q_tile, whole, whole, q_tile, row_tile, row_tile], q_tile,
-      jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
+  rows, _ = kernel_tiles(cfg.mask, t, cfg.dq.block_q, cfg.dq.block_k, q)
+  q_tile, kv_whole, row_tile = _tile(cfg.dq.block_q, d), _whole(t, d), _row_tile(cfg.dq.block_q)
+  dq_BQHK = _call(
+      _dq_kernel, cfg, cfg.dq, (b, h, q // cfg.dq.block_q),
+      [*_list_specs(rows), q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile], q_tile,
+      jax.ShapeDtypeStruct(q_BQHK.shape, q_BQHK.dtype),
       "bd3_attention_dq")(*_list_args(rows), *args)
 
-  _, cols = kernel_tiles(cfg.mask, cfg.num_tokens, cfg.dkv.block_q, cfg.dkv.block_k)
-  k_tile, whole, _, row_whole = _specs(t, d, cfg.dkv.block_k)
+  _, cols = kernel_tiles(cfg.mask, t, cfg.dkv.block_q, cfg.dkv.block_k, q)
+  k_tile, q_whole, row_whole = _tile(cfg.dkv.block_k, d), _whole(q, d), _row_whole(q)
   dk_BTHK, dv_BTHK = _call(
       _dkv_kernel, cfg, cfg.dkv, (b, h, t // cfg.dkv.block_k),
-      [*_list_specs(cols), whole, k_tile, k_tile, whole, row_whole, row_whole], [k_tile, k_tile],
+      [*_list_specs(cols), q_whole, k_tile, k_tile, q_whole, row_whole, row_whole],
+      [k_tile, k_tile],
       [jax.ShapeDtypeStruct(k_BTHK.shape, k_BTHK.dtype),
        jax.ShapeDtypeStruct(v_BTHK.shape, v_BTHK.dtype)],
       "bd3_attention_dkv")(*_list_args(cols), *args)
-  return dq_BTHK, dk_BTHK, dv_BTHK
+  return dq_BQHK, dk_BTHK, dv_BTHK

@@ -9,6 +9,8 @@ row tile visits only the non-empty column tiles of its row, listed as:
 Empty tiles appear nowhere, so they are never loaded nor computed; the kernel runs a
 loop without mask arithmetic over the full tiles, then a masked loop over the partial ones.
 The forward pass and dq use the lists over key tiles per query tile, dk/dv the transposed ones.
+When only the first queries are wanted (the x_t half in the training pass's last layer), the
+lists cover only their row tiles.
 
 `visible` recomputes the mask element-wise from positions (integer arithmetic, no mask
 tensor in memory); the kernels call it on partial tiles only.
@@ -65,10 +67,11 @@ def padded_mask(mask: AttentionMask, num_tokens: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def kernel_tiles(mask: AttentionMask, num_tokens: int, block_q: int,
-                 block_k: int) -> tuple[TileLists, TileLists]:
-  """(key tiles per query tile, query tiles per key tile) of the padded mask."""
-  map_NM = tile_map(padded_mask(mask, num_tokens), block_q, block_k)
+def kernel_tiles(mask: AttentionMask, num_tokens: int, block_q: int, block_k: int,
+                 num_queries: int | None = None) -> tuple[TileLists, TileLists]:
+  """(key tiles per query tile, query tiles per key tile) of the padded mask's first
+  `num_queries` rows (default: all `num_tokens`)."""
+  map_NM = tile_map(padded_mask(mask, num_tokens)[:num_queries], block_q, block_k)
   return tile_lists(map_NM), tile_lists(map_NM.T)
 
 

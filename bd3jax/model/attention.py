@@ -49,32 +49,33 @@ def dense_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS):
   return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
 
 
-def attention(q_BTHK, k_BTHK, v_BTHK, mask: AttentionMask, implementation: str = "dense"):
-  """Attention of T = mask.num_tokens queries over the same T keys under a BD3 mask."""
+def attention(q_BQHK, k_BTHK, v_BTHK, mask: AttentionMask, implementation: str = "dense"):
+  """Attention over the T = mask.num_tokens tokens under a BD3 mask, for the first Q <= T of
+  them (q's rows: all T, or e.g. the x_t half when only its outputs are needed)."""
   if implementation == "auto":
-    implementation = _auto(q_BTHK.dtype, q_BTHK.shape[-1])
+    implementation = _auto(q_BQHK.dtype, q_BQHK.shape[-1])
   if implementation in ("pallas", "splash"):
     kernel = block_sparse_attention if implementation == "pallas" else splash_attention
-    return _per_shard(functools.partial(kernel, mask=mask), q_BTHK, k_BTHK, v_BTHK)
-  mask_TT = jnp.asarray(mask.dense())
+    return _per_shard(functools.partial(kernel, mask=mask), q_BQHK, k_BTHK, v_BTHK)
+  mask_QT = jnp.asarray(mask.dense()[:q_BQHK.shape[1]])
   if implementation == "dense":
-    return dense_attention(q_BTHK, k_BTHK, v_BTHK, mask_TT)
+    return dense_attention(q_BQHK, k_BTHK, v_BTHK, mask_QT)
   if implementation in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(
-        q_BTHK, k_BTHK, v_BTHK, mask=mask_TT[None, None], implementation=implementation)
+        q_BQHK, k_BTHK, v_BTHK, mask=mask_QT[None, None], implementation=implementation)
   raise ValueError(f"model.attention {implementation!r} is not one of {IMPLEMENTATIONS}")
 
 
-def _per_shard(kernel, q_BTHK, k_BTHK, v_BTHK):
+def _per_shard(kernel, q_BQHK, k_BTHK, v_BTHK):
   """`kernel(q, k, v)` on each device's shard of batch and heads under the current mesh."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return kernel(q_BTHK, k_BTHK, v_BTHK)
-  spec = logical_to_mesh_spec(("batch", None, "heads", None), q_BTHK.shape, dict(mesh.shape))
+    return kernel(q_BQHK, k_BTHK, v_BTHK)
+  spec = logical_to_mesh_spec(("batch", None, "heads", None), q_BQHK.shape, dict(mesh.shape))
   # check_vma=False: the kernels' outputs carry no varying-axes annotation; devices along axes
   # the spec leaves out hold equal inputs and so compute equal outputs.
   return jax.shard_map(kernel, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
-      q_BTHK, k_BTHK, v_BTHK)
+      q_BQHK, k_BTHK, v_BTHK)
 
 
 def update_kv_cache(cache_BHSK, new_BTHK, start):
