@@ -1,15 +1,16 @@
 """Model FLOPs per training sequence and model-FLOPs utilisation (MFU).
 
 Convention: matmul FLOPs only (2 per multiply-add) of the trunk over every token it runs
-(2L for block diffusion, L for MDLM's single block, L - 1 for AR), attention scores and
-values at the mask's density, the output projection on the x_t half only, and x3 for the
+(2L for block diffusion, L for MDLM's single block, L - 1 for AR; in block diffusion's last
+layer only the x_t half past the q, k, v projection), attention scores and values over the
+visible (query, key) pairs, the output projection on the x_t half only, and x3 for the
 backward pass. Embedding lookups, norms, adaLN and softmax are not counted.
 """
 
 import jax
 
 from bd3jax.diffusion import LossConfig
-from bd3jax.masks import AttentionMask, MaskKind, density
+from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, by substring of jax's device_kind.
@@ -33,11 +34,16 @@ def train_flops_per_sequence(model: ModelConfig, loss_cfg: LossConfig) -> float:
   """Forward + backward model FLOPs for one L-token training sequence."""
   mask = training_mask_spec(loss_cfg)
   t, d = mask.num_tokens, model.d_model
-  per_token_layer = 2 * (3 * d * d + d * d + 2 * model.mlp_ratio * d * d)
-  attention_layer = 4 * t * t * d * density(mask.dense())
   outputs = loss_cfg.length - 1 if loss_cfg.algo == "ar" else loss_cfg.length
-  forward = model.n_layers * (t * per_token_layer + attention_layer) + 2 * outputs * d * model.vocab_size
-  return 3.0 * forward
+
+  def layer(queries: int) -> float:  # a block whose first `queries` tokens go on past q, k, v
+    qkv = 2 * 3 * d * d * t
+    per_query = 2 * (d * d + 2 * model.mlp_ratio * d * d)
+    return qkv + queries * per_query + 4 * d * mask.dense()[:queries].sum()
+
+  last = outputs if mask.kind is MaskKind.TRAINING else t
+  trunk = (model.n_layers - 1) * layer(t) + layer(last)
+  return 3.0 * (trunk + 2 * outputs * d * model.vocab_size)
 
 
 def peak_flops_per_device() -> float | None:

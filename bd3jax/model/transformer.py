@@ -153,11 +153,17 @@ class TimestepEmbedder(nn.Module):
 
 
 class Block(nn.Module):
-  """One transformer block: attention and MLP branches, adaLN-zero modulated."""
+  """One transformer block: attention and MLP branches, adaLN-zero modulated.
+
+  With `keep`, only the first `keep` tokens go on after the keys and values: their queries
+  alone attend and only their outputs are returned (the training pass's last block, whose x_0
+  half nothing reads).
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, c_BC, rope, mask: AttentionMask, train: bool):
+  def __call__(self, x_BTD, c_BC, rope, mask: AttentionMask, train: bool,
+               keep: int | None = None):
     cfg = self.cfg
     d, h, k = cfg.d_model, cfg.n_heads, cfg.head_dim
     dt = jnp.dtype(cfg.dtype)
@@ -174,12 +180,15 @@ class Block(nn.Module):
     h_BTD = _modulate(LayerNorm(name="norm1")(x_BTD), shift_msa, scale_msa).astype(dt)
     qkv_BT3HK = _dense((3, h, k), ("embed", "qkv", "heads", "head_dim"), d, use_bias=False,
                        dtype=dt, name="attn_qkv")(h_BTD)
-    q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
-    q_BTHK, k_BTHK = apply_rotary(q_BTHK, *rope), apply_rotary(k_BTHK, *rope)
+    q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :keep, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2])
+    cos_TK, sin_TK = rope
+    q_BTHK = apply_rotary(q_BTHK, cos_TK[:keep], sin_TK[:keep])
+    k_BTHK = apply_rotary(k_BTHK, cos_TK, sin_TK)
     if isinstance(mask, DecodeAt):
       o_BTHK = self._attend_with_cache(q_BTHK, k_BTHK, v_BTHK, mask.start)
     else:
       o_BTHK = attention(q_BTHK, k_BTHK, v_BTHK, mask, cfg.attention)
+    x_BTD = x_BTD[:, :keep]
     o_BTD = _dense(d, ("heads", "head_dim", "embed"), d, use_bias=False, axis=(-2, -1), dtype=dt,
                    name="attn_out")(o_BTHK)
     x_BTD = x_BTD + gate_msa * dropout(o_BTD.astype(jnp.float32))
@@ -257,10 +266,10 @@ class DiT(nn.Module):
     else:
       positions_T = positions_for(mask)
     rope = rotary_cos_sin(positions_T, cfg.head_dim)
+    x_t_only = not decoding and mask.kind is MaskKind.TRAINING  # the logits cover x_t alone
     for i in range(cfg.n_layers):
-      x_BTD = Block(cfg, name=f"blocks_{i}")(x_BTD, c_BC, rope, mask, train)
-    if not decoding and mask.kind is MaskKind.TRAINING:
-      x_BTD = x_BTD[:, :mask.seq_len]
+      keep = mask.seq_len if x_t_only and i == cfg.n_layers - 1 else None
+      x_BTD = Block(cfg, name=f"blocks_{i}")(x_BTD, c_BC, rope, mask, train, keep)
     if decoding and mask.select is not None:
       x_BTD = jnp.take_along_axis(x_BTD, mask.select[:, None, None], axis=1)
     return FinalLayer(cfg, name="output_layer")(x_BTD, c_BC)
