@@ -21,9 +21,10 @@ backward kernels' (by default the forward's); for dk/dv, `block_k` is the progra
 T rounded up to a power of two). At L = 1024, L' = 16 the non-empty 64 x 64 tiles cover 28.1% of
 the 2L x 2L matrix (the mask itself 25.4%), against 31.2% for 128-wide tiles. Tile sizes must be
 powers of two (Triton); T is padded to a multiple of every tile size in use
-(`tiles.padded_mask`). Warps: `default_num_warps`. At the reference shape on an H200 (bf16, head
-dim 64) these defaults, with `NUM_STAGES`, were the fastest of eight settings forward and
-backward, each setting shared by the three kernels (README; benchmarks/attention.py --pallas).
+(`tiles.padded_mask`), Q likewise with further rows of that mask, whose outputs are dropped.
+Warps: `default_num_warps`. At the reference shape on an H200 (bf16, head dim 64) these
+defaults, with `NUM_STAGES`, were the fastest of eight settings forward and backward, each
+setting shared by the three kernels (README; benchmarks/attention.py --pallas).
 On GPU the kernels lower through Triton (float32 matmuls there may run as TF32); on CPU they run
 interpreted.
 """

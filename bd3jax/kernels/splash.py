@@ -3,11 +3,12 @@
 `splash_attention(q_BQHK, k_BTHK, v_BTHK, mask)` builds a splash kernel from the first Q rows
 of `mask.dense()` (the queries are the first Q <= T tokens; splash derives its own empty /
 partial / full block lists from the mask, skips empty blocks and masks partial ones; backward
-included), once per (mask, Q, heads, interpret), and vmaps it over the batch. Splash takes [H, T, K] per example and does not
-scale the logits, so q is scaled by 1/sqrt(K) first. Blocks are `BLOCK` = 128 wide (the
-lane width splash requires, and the finest granularity: 31% of the 2L x 2L tiles are
-non-empty at L = 1024, L' = 16, against 38% at 256); T is padded to a multiple of 128 with
-padding tokens that see only each other (`tiles.padded_mask`).
+included), once per (mask, Q, heads, interpret), and vmaps it over the batch. Splash takes
+[H, T, K] per example and does not scale the logits, so q is scaled by 1/sqrt(K) first.
+Blocks are `BLOCK` = 128 wide (the lane width splash requires, and the finest granularity:
+31% of the 2L x 2L tiles are non-empty at L = 1024, L' = 16, against 38% at 256); T is padded
+to a multiple of 128 with padding tokens that see only each other (`tiles.padded_mask`), Q with
+further rows of that mask, whose outputs are dropped.
 Runs compiled on TPU and interpreted on CPU (tests); other backends get an error.
 """
 
@@ -38,9 +39,10 @@ def splash_attention(q_BQHK, k_BTHK, v_BTHK, mask: AttentionMask, *, interpret: 
                      f"{platform.backend()!r}); use 'pallas' on GPU, 'dense' on CPU")
   round_up = lambda n: -(-n // BLOCK) * BLOCK
   kernel = _kernel(mask, round_up(t), round_up(q), h, interpret)
-  to_BHNK = lambda x_BTHK: jnp.swapaxes(
-      jnp.pad(x_BTHK, ((0, 0), (0, round_up(x_BTHK.shape[1]) - x_BTHK.shape[1]), (0, 0), (0, 0))),
-      1, 2)
+
+  def to_BHNK(x_BTHK):  # padded to whole blocks, heads-major
+    pad = round_up(x_BTHK.shape[1]) - x_BTHK.shape[1]
+    return jnp.swapaxes(jnp.pad(x_BTHK, ((0, 0), (0, pad), (0, 0), (0, 0))), 1, 2)
   q_BHNK = to_BHNK(q_BQHK * jnp.asarray(head_dim ** -0.5, q_BQHK.dtype))
   o_BHNK = jax.vmap(kernel)(q_BHNK, to_BHNK(k_BTHK), to_BHNK(v_BTHK))
   return jnp.swapaxes(o_BHNK, 1, 2)[:, :q]

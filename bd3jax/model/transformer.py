@@ -180,17 +180,16 @@ class Block(nn.Module):
     h_BTD = _modulate(LayerNorm(name="norm1")(x_BTD), shift_msa, scale_msa).astype(dt)
     qkv_BT3HK = _dense((3, h, k), ("embed", "qkv", "heads", "head_dim"), d, use_bias=False,
                        dtype=dt, name="attn_qkv")(h_BTD)
-    q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :keep, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2])
-    cos_TK, sin_TK = rope
-    q_BTHK = apply_rotary(q_BTHK, cos_TK[:keep], sin_TK[:keep])
-    k_BTHK = apply_rotary(k_BTHK, cos_TK, sin_TK)
+    cos_TK, sin_TK = rope  # Q = keep (default: all T) tokens go on past q, k, v
+    q_BQHK = apply_rotary(qkv_BT3HK[:, :keep, 0], cos_TK[:keep], sin_TK[:keep])
+    k_BTHK, v_BTHK = apply_rotary(qkv_BT3HK[:, :, 1], cos_TK, sin_TK), qkv_BT3HK[:, :, 2]
     if isinstance(mask, DecodeAt):
-      o_BTHK = self._attend_with_cache(q_BTHK, k_BTHK, v_BTHK, mask.start)
+      o_BQHK = self._attend_with_cache(q_BQHK, k_BTHK, v_BTHK, mask.start)
     else:
-      o_BTHK = attention(q_BTHK, k_BTHK, v_BTHK, mask, cfg.attention)
+      o_BQHK = attention(q_BQHK, k_BTHK, v_BTHK, mask, cfg.attention)
     x_BTD = x_BTD[:, :keep]
     o_BTD = _dense(d, ("heads", "head_dim", "embed"), d, use_bias=False, axis=(-2, -1), dtype=dt,
-                   name="attn_out")(o_BTHK)
+                   name="attn_out")(o_BQHK)
     x_BTD = x_BTD + gate_msa * dropout(o_BTD.astype(jnp.float32))
 
     h_BTD = _modulate(LayerNorm(name="norm2")(x_BTD), shift_mlp, scale_mlp).astype(dt)
