@@ -133,10 +133,10 @@ def test_first_queries_match_the_dense_rows(kind, seq_len, block_size, queries, 
   assert o.shape == q.shape and grads[0].shape == q.shape and grads[1].shape == k.shape
   dense_rows = functools.partial(dense_attention, mask_TS=mask.dense()[:queries])
   o_ref, grads_ref = value_and_grads(dense_rows, *(x.astype(jnp.float32) for x in (q, k, v, do)))
-  tolerance = 1e-5 if dtype == jnp.float32 else 1.5e-2
+  tolerance, grad_tolerance = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1.5e-2)
   assert relative_error(o, o_ref) < tolerance
   for g, g_ref in zip(grads, grads_ref):
-    assert relative_error(g, g_ref) < 10 * tolerance
+    assert relative_error(g, g_ref) < grad_tolerance
   for implementation in ("dense", "xla"):  # the dispatcher's other paths take a prefix too
     o_impl = attention(q, k, v, mask, implementation)
     assert o_impl.shape == q.shape and relative_error(o_impl, o_ref) < tolerance

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bd3jax.kernels import platform
-from bd3jax.kernels.tiles import kernel_tiles, visible
+from bd3jax.kernels.tiles import kernel_tiles, round_up, visible
 from bd3jax.masks import AttentionMask
 
 BLOCK_Q = 64
@@ -159,8 +159,8 @@ def kernel_config(q_BQHK, k_BTHK, v_BTHK, mask, block_q=None, block_k=None, num_
     launches[name] = Launch(min(launch.block_q, t_pow2), min(launch.block_k, t_pow2), warps,
                             launch.num_stages)
   step = max(size for launch in launches.values() for size in (launch.block_q, launch.block_k))
-  round_up = lambda n: -(-n // step) * step
-  return KernelConfig(mask, round_up(t), round_up(q), **launches, interpret=interpret)
+  return KernelConfig(mask, round_up(t, step), round_up(q, step), **launches,
+                      interpret=interpret)
 
 
 def check_query_prefix(kernel: str, q_BQHK, k_BTHK, v_BTHK, mask: AttentionMask) -> None:
@@ -353,7 +353,7 @@ def forward(q_BQHK, k_BTHK, v_BTHK, cfg: KernelConfig):
   log2 e); Q and T already cfg.num_queries and cfg.num_tokens."""
   b, q, h, d = q_BQHK.shape
   f = cfg.forward
-  rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, f.block_q, f.block_k, cfg.num_queries)
+  rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, f.block_q, f.block_k, q)
   q_tile, kv_whole = _tile(f.block_q, d), _whole(cfg.num_tokens, d)
   return _call(
       _forward_kernel, cfg, f, (b, h, q // f.block_q),

@@ -26,6 +26,7 @@ from bd3jax.kernels.block_sparse import (DTYPES, MASK_VALUE, call_kernel, check_
                                          check_tiles_and_warps, default_num_warps, load_tile,
                                          online_softmax_init, online_softmax_update,
                                          scaled_logits, tile_positions)
+from bd3jax.kernels.tiles import round_up
 
 BLOCK_Q = 64
 BLOCK_K = 64
@@ -87,7 +88,7 @@ def decode_config(q_BTHK, k_BHSK, v_BHSK, block_k=None, num_warps=None,
                        f"of {MIN_TILE} slots; got {s} (the sample length or context): use "
                        f"model.attention='dense' to sample it")
   block_q = min(BLOCK_Q, max(MIN_TILE, 1 << (t - 1).bit_length()))
-  return DecodeConfig(-(-t // block_q) * block_q, block_q, block_k, num_warps, interpret)
+  return DecodeConfig(round_up(t, block_q), block_q, block_k, num_warps, interpret)
 
 
 def _kernel(filled_ref, q_ref, k_ref, v_ref, o_ref, *, cfg: DecodeConfig):

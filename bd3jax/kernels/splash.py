@@ -21,7 +21,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 
 from bd3jax.kernels import platform
 from bd3jax.kernels.block_sparse import check_query_prefix
-from bd3jax.kernels.tiles import padded_mask
+from bd3jax.kernels.tiles import padded_mask, round_up
 from bd3jax.masks import AttentionMask
 
 BLOCK = 128
@@ -37,11 +37,10 @@ def splash_attention(q_BQHK, k_BTHK, v_BTHK, mask: AttentionMask, *, interpret: 
   if not interpret and platform.backend() != "tpu":
     raise ValueError(f"model.attention 'splash' runs on TPU only (backend is "
                      f"{platform.backend()!r}); use 'pallas' on GPU, 'dense' on CPU")
-  round_up = lambda n: -(-n // BLOCK) * BLOCK
-  kernel = _kernel(mask, round_up(t), round_up(q), h, interpret)
+  kernel = _kernel(mask, round_up(t, BLOCK), round_up(q, BLOCK), h, interpret)
 
   def to_BHNK(x_BTHK):  # padded to whole blocks, heads-major
-    pad = round_up(x_BTHK.shape[1]) - x_BTHK.shape[1]
+    pad = round_up(x_BTHK.shape[1], BLOCK) - x_BTHK.shape[1]
     return jnp.swapaxes(jnp.pad(x_BTHK, ((0, 0), (0, pad), (0, 0), (0, 0))), 1, 2)
   q_BHNK = to_BHNK(q_BQHK * jnp.asarray(head_dim ** -0.5, q_BQHK.dtype))
   o_BHNK = jax.vmap(kernel)(q_BHNK, to_BHNK(k_BTHK), to_BHNK(v_BTHK))

@@ -57,6 +57,11 @@ def tile_lists(map_NM: np.ndarray) -> TileLists:
   return TileLists(counts_N2, index_NP)
 
 
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n."""
+  return -(-n // multiple) * multiple
+
+
 def padded_mask(mask: AttentionMask, num_tokens: int) -> np.ndarray:
   """[N, N] bool: `mask.dense()` with N - T padding tokens that see only each other."""
   t = mask.num_tokens
