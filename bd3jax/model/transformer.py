@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model.attention import attention, cache_attention, update_kv_cache
+from bd3jax.model.dropout import dropout
 
 LN_EPS = 1e-5
 TIMESTEP_DIM = 256
@@ -175,7 +176,8 @@ class Block(nn.Module):
     else:
       shift_msa = scale_msa = shift_mlp = scale_mlp = 0.0
       gate_msa = gate_mlp = 1.0
-    dropout = nn.Dropout(cfg.dropout, deterministic=not train)
+    drop = lambda x: (dropout(x, cfg.dropout, self.make_rng("dropout"))
+                      if train and cfg.dropout > 0 else x)
 
     h_BTD = _modulate(LayerNorm(name="norm1")(x_BTD), shift_msa, scale_msa).astype(dt)
     qkv_BT3HK = _dense((3, h, k), ("embed", "qkv", "heads", "head_dim"), d, use_bias=False,
@@ -190,13 +192,13 @@ class Block(nn.Module):
     x_BTD = x_BTD[:, :keep]
     o_BTD = _dense(d, ("heads", "head_dim", "embed"), d, use_bias=False, axis=(-2, -1), dtype=dt,
                    name="attn_out")(o_BQHK)
-    x_BTD = x_BTD + gate_msa * dropout(o_BTD.astype(jnp.float32))
+    x_BTD = x_BTD + gate_msa * drop(o_BTD.astype(jnp.float32))
 
     h_BTD = _modulate(LayerNorm(name="norm2")(x_BTD), shift_mlp, scale_mlp).astype(dt)
     h_BTF = _dense(cfg.mlp_ratio * d, ("embed", "mlp"), d, dtype=dt, name="mlp_0")(h_BTD)
     h_BTF = nn.gelu(h_BTF, approximate=True)
     h_BTD = _dense(d, ("mlp", "embed"), cfg.mlp_ratio * d, dtype=dt, name="mlp_2")(h_BTF)
-    return x_BTD + gate_mlp * dropout(h_BTD.astype(jnp.float32))
+    return x_BTD + gate_mlp * drop(h_BTD.astype(jnp.float32))
 
   def _attend_with_cache(self, q_BTHK, k_BTHK, v_BTHK, start):
     """Writes the tokens' keys and values into this layer's cache, then attends over it."""

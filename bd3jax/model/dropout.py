@@ -1,0 +1,70 @@
+"""Dropout from 16-bit random draws, four per Threefry evaluation.
+
+`jax.random.bernoulli` (flax's `nn.Dropout`) spends one Threefry-2x32 evaluation (20 rounds of
+integer mixing) on every element; that hash is the costly part of dropout on a GPU. Here each
+evaluation's 64 output bits give four 16-bit draws, so the training pass hashes a quarter as
+often. The counters are elementwise over the drawn shape, so the draws are the same under any
+sharding of it.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.extend.random import threefry2x32_p, threefry_prng_impl
+
+DRAW_BITS = 16
+_LEVELS = 1 << DRAW_BITS
+
+
+def dropout(x, rate: float, key):
+  """`x` with each element zeroed with probability `rate` and the others scaled to keep E[x].
+
+  `rate` is rounded to a multiple of 2^-16 (0.1 -> 0.100006) and kept elements are multiplied
+  by the inverse of that rounded keep probability, so the expectation is exact. `key` is a typed
+  key or raw uint32 key data; Threefry keys (JAX's default) draw four values per evaluation,
+  other implementations (e.g. rbg) draw 32-bit words through `jax.random.bits`, two per word.
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate {rate} must be in [0, 1)")
+  threshold = round(rate * _LEVELS)
+  if threshold == 0:
+    return x
+  if threshold == _LEVELS:
+    raise ValueError(f"dropout rate {rate} rounds to 1 at {DRAW_BITS}-bit resolution")
+  keep = random_uint16(key, x.shape) >= threshold
+  scale = _LEVELS / (_LEVELS - threshold)
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+
+
+def random_uint16(key, shape):
+  """Uniform integers in [0, 2^16) of `shape` (as uint32), drawn along the last axis."""
+  if not shape:
+    return random_uint16(key, (1,)).reshape(())
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  *lead, last = shape
+  if jax.random.key_impl(key) == threefry_prng_impl.name:
+    words = _threefry_words(key, (*lead, -(-last // 4)))
+  else:
+    words = (jax.random.bits(key, (*lead, -(-last // 2)), jnp.uint32),)
+  draws = [half for w in words for half in (w & (_LEVELS - 1), w >> DRAW_BITS)]
+  return jnp.stack(draws, axis=-1).reshape(*lead, -1)[..., :last]
+
+
+def _threefry_words(key, shape):
+  """Both 32-bit outputs of Threefry-2x32 at one counter per element of `shape`: the index
+  along the first axis and the element's flat index within the rest (unique while each
+  row has < 2^32 elements)."""
+  row_size = 1
+  for n in shape[1:]:
+    row_size *= n
+  if row_size >= 2 ** 32:
+    raise ValueError(f"dropout draws of shape {shape}: rows of 2^32 or more elements")
+  iota = lambda axis: jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+  hi = iota(0) if len(shape) > 1 else jnp.zeros(shape, jnp.uint32)
+  lo = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(1 if len(shape) > 1 else 0, len(shape))):
+    lo = lo + iota(axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  k1, k2 = jax.random.key_data(key)
+  return tuple(threefry2x32_p.bind(k1, k2, hi, lo))
