@@ -30,24 +30,35 @@ def dropout(x, rate: float, key):
     return x
   if threshold == _LEVELS:
     raise ValueError(f"dropout rate {rate} rounds to 1 at {DRAW_BITS}-bit resolution")
-  keep = random_uint16(key, x.shape) >= threshold
-  scale = _LEVELS / (_LEVELS - threshold)
-  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+  with jax.named_scope("dropout"):
+    keep = _along_last_axis([d >= threshold for d in _draws(key, x.shape)], x.shape)
+    scale = _LEVELS / (_LEVELS - threshold)
+    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 
 
 def random_uint16(key, shape):
   """Uniform integers in [0, 2^16) of `shape` (as uint32), drawn along the last axis."""
-  if not shape:
-    return random_uint16(key, (1,)).reshape(())
+  return _along_last_axis(_draws(key, shape), shape)
+
+
+def _draws(key, shape):
+  """The 16-bit draws for `shape` as n = 4 (Threefry) or 2 arrays [..., ceil(last / n)]:
+  draw i along the last axis is element i // n of array i % n. Each array is compared (or
+  used) before `_along_last_axis` interleaves them, so that what XLA keeps is the result."""
   if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)
-  *lead, last = shape
+  *lead, last = shape or (1,)
   if jax.random.key_impl(key) == threefry_prng_impl.name:
     words = _threefry_words(key, (*lead, -(-last // 4)))
   else:
     words = (jax.random.bits(key, (*lead, -(-last // 2)), jnp.uint32),)
-  draws = [half for w in words for half in (w & (_LEVELS - 1), w >> DRAW_BITS)]
-  return jnp.stack(draws, axis=-1).reshape(*lead, -1)[..., :last]
+  return [half for w in words for half in (w & (_LEVELS - 1), w >> DRAW_BITS)]
+
+
+def _along_last_axis(lanes, shape):
+  """`_draws`-shaped arrays interleaved along the last axis, cut to `shape`."""
+  *lead, last = shape or (1,)
+  return jnp.stack(lanes, axis=-1).reshape(*lead, -1)[..., :last].reshape(shape)
 
 
 def _threefry_words(key, shape):
