@@ -123,14 +123,17 @@ def nelbo(apply_fn: Callable, x0_BL, key, cfg: LossConfig, train: bool = True, i
   if cfg.algo == "ar":
     mask = AttentionMask(MaskKind.BLOCK_CAUSAL, cfg.length - 1, 1)
     logits_BLV = apply_fn(x0_BL[:, :-1], None, mask, **kwargs)
-    nll_BL = -target_log_prob(logits_BLV, x0_BL[:, 1:])
-    token_loss_BL = jnp.pad(nll_BL, ((0, 0), (1, 0)))  # position 0 (BOS) is not predicted
-    loss = nll_BL.mean()
+    with jax.named_scope("loss"):
+      nll_BL = -target_log_prob(logits_BLV, x0_BL[:, 1:])
+      token_loss_BL = jnp.pad(nll_BL, ((0, 0), (1, 0)))  # position 0 (BOS) is not predicted
+      loss = nll_BL.mean()
   else:
-    xt_BL, masked_BL, p_BL, w_BL = forward_process(key, x0_BL, cfg, interval)
-    sigma_B = -jnp.log1p(-jnp.minimum(p_BL[:, 0], 1.0 - 1e-6))
+    with jax.named_scope("masking"):
+      xt_BL, masked_BL, p_BL, w_BL = forward_process(key, x0_BL, cfg, interval)
+      sigma_B = -jnp.log1p(-jnp.minimum(p_BL[:, 0], 1.0 - 1e-6))
     logits_BLV = diffusion_logits(apply_fn, xt_BL, x0_BL, sigma_B, cfg, **kwargs)
-    token_loss_BL = -w_BL * subs_log_prob(logits_BLV, x0_BL, masked_BL, cfg.mask_id)
-    loss = token_loss_BL.mean()
+    with jax.named_scope("loss"):
+      token_loss_BL = -w_BL * subs_log_prob(logits_BLV, x0_BL, masked_BL, cfg.mask_id)
+      loss = token_loss_BL.mean()
   block_nelbo_BN = token_loss_BL.reshape(x0_BL.shape[0], -1, cfg.block_size).mean(-1)
   return loss, {"token_loss": token_loss_BL, "block_nelbo": block_nelbo_BN}

@@ -142,12 +142,14 @@ def train_step(task: Task, state: TrainState, batch):
         lambda: _loss_and_grads(task, state.params, micro_MBL[0], keys[0], state.noise_interval)))
     total, _ = jax.lax.scan(accumulate, zeros, (micro_MBL, keys))
     loss, block_nelbo_N, grads = jax.tree.map(lambda a: a / task.grad_accum, total)
-  updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("optimizer"):
+    updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
   num_updates = state.step + 1
   if task.ema_decay > 0:
-    d = ema_decay_at(task.ema_decay, num_updates)
-    ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+    with jax.named_scope("ema"):
+      d = ema_decay_at(task.ema_decay, num_updates)
+      ema_params = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
   else:
     ema_params = params
   metrics = {"loss": loss, "block_nelbo": block_nelbo_N, "grad_norm": optax.tree.norm(grads)}

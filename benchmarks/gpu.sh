@@ -28,7 +28,8 @@
 # separated), in that order.
 # The train_step and sampler commands also trace a short run (two train steps; eight blocks
 # of samples at each batch) into a scratch directory and print the GPU time per op and per
-# stream, and how busy each stream was (benchmarks/trace_summary.py).
+# stream, and how busy each stream was (benchmarks/trace_summary.py); for the train step also
+# the time per part of the step (layers, dropout, loss, optimizer, ... forward and backward).
 # Parts run in the order given; every measurement is written as soon as it is made, so a run
 # cut short keeps what it finished. Compiles dominate the train_step and sampler parts; the
 # commands share a compilation cache, so compile_s after the first command may be a cache hit.
@@ -106,7 +107,7 @@ def cells(record, keys):
 
 def print_profile(name, record):
   """The busiest GPU streams of a traced run (else device or host timelines): time by kind of
-  op, then the top ops."""
+  op and by source (where recorded), then the top ops."""
   device = [t for t in record["timelines"] if t["plane"].startswith("/device:")]
   timelines = ([t for t in device if t["line"].startswith("Stream")] or device or
                record["timelines"])
@@ -116,6 +117,9 @@ def print_profile(name, record):
     print(f"{name} profile {what} {t['line']}: busy {t['busy_ms']:.1f} of {t['span_ms']:.1f} ms")
     print("  by kind:", ", ".join(f"{k['kind']} {k['total_ms']:.2f} ms ({k['count']}x)"
                                   for k in t["kinds"][:14]))
+    if "sources" in t:
+      print("  by source:", ", ".join(f"{k['source']} {k['total_ms']:.2f} ms ({k['count']}x)"
+                                      for k in t["sources"][:24]))
     for op in t["top"][:8]:
       print(f"    {op['total_ms']:9.2f} ms {op['count']:6d}x {op['mean_us']:9.1f} us  {op['op']}"
             f"{' (' + op['kernel'] + ')' if 'kernel' in op else ''}")

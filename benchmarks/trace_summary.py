@@ -16,7 +16,12 @@ kernel of a fusion). Per timeline:
 - top: the `top` groups by total time: count, total_ms, mean_us;
 - kinds: every event counted once by `kind` (matrix multiplies, each Pallas kernel, each
   fusion kind, memcpy/memset), by total time: count, total_ms. Where the time goes, when the
-  top groups are each layer's copy of the same op.
+  top groups are each layer's copy of the same op;
+- sources (when the compiled programs' HLO text is given, e.g. `compiled.as_text()`): every
+  event counted once by the part of the program its op comes from, `source(op_name)` of the
+  op's metadata ("backward DiT/blocks_*/norm1": the named scopes, i.e. Flax modules and
+  `jax.named_scope`s, layers merged, and whether it runs under the gradient's forward or
+  backward pass), by total time: count, total_ms.
 """
 
 import argparse
@@ -32,14 +37,14 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def trace(fn, directory: str, top: int = 20):
+def trace(fn, directory: str, top: int = 20, hlo_text: str | None = None):
   """(wall seconds, result, `summarize` of the trace) of `fn()` run under the profiler, ended
   by block_until_ready; the trace is written under `directory`."""
   with jax.profiler.trace(directory):
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
     seconds = time.perf_counter() - t0
-  return seconds, out, summarize(newest_trace(directory), top)
+  return seconds, out, summarize(newest_trace(directory), top, hlo_text)
 
 
 def newest_trace(directory: str) -> str:
@@ -76,14 +81,52 @@ def kind(op: str | None, name: str) -> str:
   return re.sub(r"[._]\d+$", "", name if by_kernel else op)
 
 
-def summarize(path: str, top: int = 20) -> list[dict]:
+_WRAPPED = re.compile(r"^(\w+)\((.*)\)$")
+_LAYER = re.compile(r"^(blocks|layers)_\d+$")
+_NOT_A_SCOPE = {"while", "body", "cond", "closed_call", "checkpoint", "remat",
+                "rematted_computation"}
+
+
+def source(op_name: str) -> str:
+  """Where an op with metadata `op_name` comes from: "forward" or "backward" (under a jvp or
+  its transpose; neither for ops outside differentiation), then its named scopes without the
+  outer jit, nested jits, control flow and the primitive, layer numbers as "*":
+  "jit(step)/transpose(jvp(DiT))/blocks_3/norm1/mul" -> "backward DiT/blocks_*/norm1"."""
+  parts = op_name.split(";")[0].split("/")[1:-1]
+  scopes, passes = [], set()
+  for part in parts:
+    while (match := _WRAPPED.match(part)) and match[1] in ("jvp", "transpose", "vmap", "jit"):
+      if match[1] == "jit":
+        part = ""
+        break
+      passes.add(match[1])
+      part = match[2]
+    if part and part not in _NOT_A_SCOPE and not part.startswith("branch_"):
+      scopes.append("blocks_*" if _LAYER.match(part) else part)
+  direction = "backward" if "transpose" in passes else "forward" if "jvp" in passes else ""
+  return " ".join(x for x in (direction, "/".join(scopes)) if x) or "(top level)"
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> `source` of its op_name metadata, for every instruction of an HLO
+  module's text that has one; each name also with "." and "-" as "_", as GPU kernels of
+  fusions are named."""
+  sources = {}
+  for name, op_name in re.findall(r'%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text):
+    sources[name] = sources[re.sub(r"[.\-]", "_", name)] = source(op_name)
+  return sources
+
+
+def summarize(path: str, top: int = 20, hlo_text: str | None = None) -> list[dict]:
   """One dict per timeline that holds counted events (see the module docstring)."""
+  sources = hlo_sources(hlo_text) if hlo_text else None
   timelines = []
   for plane in jax.profiler.ProfileData.from_file(path).planes:
     on_device = plane.name.startswith("/device:")
     for line in plane.lines:
       total_ns, count, kernel, intervals = collections.Counter(), collections.Counter(), {}, []
       kind_ns, kind_count = collections.Counter(), collections.Counter()
+      source_ns, source_count = collections.Counter(), collections.Counter()
       for event in line.events:
         op = dict(event.stats).get("hlo_op")
         if op is None and not on_device:
@@ -95,6 +138,10 @@ def summarize(path: str, top: int = 20) -> list[dict]:
         event_kind = kind(op, event.name)
         kind_ns[event_kind] += event.duration_ns
         kind_count[event_kind] += 1
+        if sources is not None:
+          where = sources.get(key, sources.get(event.name, "(no HLO op)"))
+          source_ns[where] += event.duration_ns
+          source_count[where] += 1
         intervals.append((event.start_ns, event.end_ns))
       if not intervals:
         continue
@@ -106,7 +153,9 @@ def summarize(path: str, top: int = 20) -> list[dict]:
                    "count": count[key], "total_ms": ns / 1e6, "mean_us": ns / count[key] / 1e3}
                   for key, ns in total_ns.most_common(top)],
           "kinds": [{"kind": k, "count": kind_count[k], "total_ms": ns / 1e6}
-                    for k, ns in kind_ns.most_common()]})
+                    for k, ns in kind_ns.most_common()],
+          **({"sources": [{"source": k, "count": source_count[k], "total_ms": ns / 1e6}
+                          for k, ns in source_ns.most_common()]} if sources is not None else {})})
   return timelines
 
 

@@ -21,7 +21,8 @@ Prints one JSON line (two with `--profile_dir`). Conventions:
 - peak_memory_gib: the device's peak bytes in use, null where not reported (CPU).
 - `--profile_dir=DIR`: after the timing, `--profile_steps` more train steps run under the
   profiler (trace written under DIR) and a second line, "train_step_profile", gives the time
-  per op and per device timeline (benchmarks/trace_summary.py).
+  per op, per kind of op and per part of the step (the ops' named scopes: model layers,
+  dropout, masking, loss, optimizer, ema) for each device timeline (benchmarks/trace_summary.py).
 """
 
 import os
@@ -101,7 +102,8 @@ def main(argv):
       for _ in range(_PROFILE_STEPS.value):
         s, _ = step_fn(s, batch)
       return s
-    seconds, _, timelines = trace_summary.trace(run_steps, _PROFILE.value)
+    hlo_text = step_fn.lower(state, batch).compile().as_text()  # the compiled step, cached
+    seconds, _, timelines = trace_summary.trace(run_steps, _PROFILE.value, hlo_text=hlo_text)
     common.emit({
         "benchmark": "train_step_profile", "attention": config.model.attention,
         "steps": _PROFILE_STEPS.value, "wall_ms_per_step": 1e3 * seconds / _PROFILE_STEPS.value,

@@ -48,3 +48,42 @@ def test_trace_summary_union_and_missing_trace(tmp_path):
 ])
 def test_trace_summary_kinds(op, name, expected):
   assert trace_summary.kind(op, name) == expected
+
+
+def test_trace_summary_sources(tmp_path):
+  def loss(x, w):
+    with jax.named_scope("layer"):
+      y = jnp.tanh(x @ w)
+    with jax.named_scope("head"):
+      return jnp.sum(jnp.sin(y) ** 2)
+  f = jax.jit(jax.grad(loss))
+  x, w = jnp.ones((128, 128)), jnp.full((128, 128), 0.01)
+  f(x, w).block_until_ready()
+  hlo_text = f.lower(x, w).compile().as_text()
+  _, _, timelines = trace_summary.trace(lambda: f(x, w), str(tmp_path), hlo_text=hlo_text)
+  seen = set()
+  for timeline in timelines:
+    assert sum(s["count"] for s in timeline["sources"]) == timeline["events"]
+    assert sum(s["total_ms"] for s in timeline["sources"]) == pytest.approx(
+        sum(k["total_ms"] for k in timeline["kinds"]))
+    seen.update(s["source"] for s in timeline["sources"])
+  assert {"forward layer", "backward layer"} <= seen, seen
+  assert seen <= {"forward layer", "backward layer", "forward head", "backward head",
+                  "(top level)", "(no HLO op)"}, seen
+  _, _, timelines = trace_summary.trace(lambda: f(x, w), str(tmp_path / "plain"))
+  assert all("sources" not in t for t in timelines)
+
+
+@pytest.mark.parametrize("op_name,expected", [
+    ("jit(step)/transpose(jvp(DiT))/blocks_3/norm1/mul", "backward DiT/blocks_*/norm1"),
+    ("jit(step)/jvp(DiT)/blocks_0/while/body/closed_call/add", "forward DiT/blocks_*"),
+    ("jit(step)/jvp(DiT)/blocks_11/dropout/jit(_where)/select_n", "forward DiT/blocks_*/dropout"),
+    ("jit(step)/jvp(DiT)/blocks_2/mlp_0/dot_general", "forward DiT/blocks_*/mlp_0"),
+    ("jit(step)/transpose(jvp(loss))/mul", "backward loss"),
+    ("jit(step)/optimizer/jit(clip)/min", "optimizer"),
+    ("jit(step)/jvp()/lgamma", "forward"),
+    ("jit(step)/add", "(top level)"),
+    ("jit(step)/mul;jit(step)/ema/add", "(top level)"),
+])
+def test_trace_summary_source(op_name, expected):
+  assert trace_summary.source(op_name) == expected
