@@ -1,10 +1,9 @@
 """Dropout from 16-bit random draws, four per Threefry evaluation.
 
 `jax.random.bernoulli` (flax's `nn.Dropout`) spends one Threefry-2x32 evaluation (20 rounds of
-integer mixing) on every element; that hash is the costly part of dropout on a GPU. Here each
-evaluation's 64 output bits give four 16-bit draws, so the training pass hashes a quarter as
-often. The counters are elementwise over the drawn shape, so the draws are the same under any
-sharding of it.
+integer mixing, most of dropout's arithmetic) on every element. Here each evaluation's 64 output
+bits give four 16-bit draws, so the training pass hashes a quarter as often. The counters are
+elementwise over the drawn shape, so the draws are the same under any sharding of it.
 """
 
 import jax
@@ -19,7 +18,7 @@ def dropout(x, rate: float, key):
   """`x` with each element zeroed with probability `rate` and the others scaled to keep E[x].
 
   `rate` is rounded to a multiple of 2^-16 (0.1 -> 0.100006) and kept elements are multiplied
-  by the inverse of that rounded keep probability, so the expectation is exact. `key` is a typed
+  by the inverse of that rounded keep probability (rounded to x's dtype). `key` is a typed
   key or raw uint32 key data; Threefry keys (JAX's default) draw four values per evaluation,
   other implementations (e.g. rbg) draw 32-bit words through `jax.random.bits`, two per word.
   """
