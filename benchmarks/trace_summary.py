@@ -83,8 +83,7 @@ def kind(op: str | None, name: str) -> str:
 
 _WRAPPED = re.compile(r"^(\w+)\((.*)\)$")
 _LAYER = re.compile(r"^(blocks|layers)_\d+$")
-_NOT_A_SCOPE = {"while", "body", "cond", "closed_call", "checkpoint", "remat",
-                "rematted_computation"}
+_NOT_A_SCOPE = {"while", "body", "cond", "closed_call"}
 
 
 def source(op_name: str) -> str:
@@ -95,13 +94,10 @@ def source(op_name: str) -> str:
   parts = op_name.split(";")[0].split("/")[1:-1]
   scopes, passes = [], set()
   for part in parts:
-    while (match := _WRAPPED.match(part)) and match[1] in ("jvp", "transpose", "vmap", "jit"):
-      if match[1] == "jit":
-        part = ""
-        break
+    while (match := _WRAPPED.match(part)) and match[1] in ("jvp", "transpose", "vmap"):
       passes.add(match[1])
       part = match[2]
-    if part and part not in _NOT_A_SCOPE and not part.startswith("branch_"):
+    if part and part not in _NOT_A_SCOPE and not part.startswith(("jit(", "branch_")):
       scopes.append("blocks_*" if _LAYER.match(part) else part)
   direction = "backward" if "transpose" in passes else "forward" if "jvp" in passes else ""
   return " ".join(x for x in (direction, "/".join(scopes)) if x) or "(top level)"

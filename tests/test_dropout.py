@@ -75,3 +75,9 @@ def test_dtype_scalar_and_no_op():
 def test_rate_errors(rate):
   with pytest.raises(ValueError, match="dropout rate"):
     dropout(jnp.ones(4), rate, jax.random.key(0))
+
+
+@pytest.mark.parametrize("shape", [(2 ** 34,), (2, 2 ** 17, 2 ** 17)])
+def test_rows_of_2_to_the_32_draws_raise(shape):
+  with pytest.raises(ValueError, match="rows of 2\\^32"):
+    jax.eval_shape(lambda: random_uint16(jax.random.key(0), shape))

@@ -6,6 +6,8 @@ bits give four 16-bit draws, so the training pass hashes a quarter as often. The
 elementwise over the drawn shape, so the draws are the same under any sharding of it.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.extend.random import threefry2x32_p, threefry_prng_impl
@@ -64,16 +66,14 @@ def _threefry_words(key, shape):
   """Both 32-bit outputs of Threefry-2x32 at one counter per element of `shape`: the index
   along the first axis and the element's flat index within the rest (unique while each
   row has < 2^32 elements)."""
-  row_size = 1
-  for n in shape[1:]:
-    row_size *= n
-  if row_size >= 2 ** 32:
+  row_axes = range(1, len(shape)) if len(shape) > 1 else range(1)  # what `lo` indexes
+  if math.prod(shape[a] for a in row_axes) >= 2 ** 32:
     raise ValueError(f"dropout draws of shape {shape}: rows of 2^32 or more elements")
   iota = lambda axis: jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
   hi = iota(0) if len(shape) > 1 else jnp.zeros(shape, jnp.uint32)
   lo = jnp.zeros(shape, jnp.uint32)
   stride = 1
-  for axis in reversed(range(1 if len(shape) > 1 else 0, len(shape))):
+  for axis in reversed(row_axes):
     lo = lo + iota(axis) * jnp.uint32(stride)
     stride *= shape[axis]
   k1, k2 = jax.random.key_data(key)
