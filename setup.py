@@ -33,7 +33,8 @@ setup(
         "gpt2": ["tiktoken>=0.7"],
         # Generative perplexity under a Hugging Face causal LM (GPT-2 Large in the paper).
         "gpt2-eval": ["transformers>=4.40", "torch>=2.2"],
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel", "matplotlib>=3.8",
-                 "safetensors>=0.4", "tensorflow-datasets>=4.9.9", "datasets>=3.0", "tiktoken>=0.7"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.9", "ipykernel",
+                 "matplotlib>=3.8", "safetensors>=0.4", "tensorflow-datasets>=4.9.9", "datasets>=3.0",
+                 "tiktoken>=0.7"],
     },
 )
