@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import trace_summary
+import tiny_config
+from benchmarks import hlo_traffic, trace_summary
 
 
 def test_trace_summary_counts_every_op_of_every_call(tmp_path):
@@ -87,3 +88,52 @@ def test_trace_summary_sources(tmp_path):
 ])
 def test_trace_summary_source(op_name, expected):
   assert trace_summary.source(op_name) == expected
+
+
+HLO = """HloModule m
+
+%fused_computation (param_0: f32[64,64], param_1: f32[8]) -> f32[8] {
+  %param_0 = f32[64,64]{1,0} parameter(0)
+  %slice.1 = f32[1,8]{1,0} slice(%param_0), slice={[0:1], [0:8]}
+  %bitcast.2 = f32[8]{0} bitcast(%slice.1)
+  %param_1 = f32[8]{0} parameter(1)
+  ROOT %add.3 = f32[8]{0} add(%bitcast.2, %param_1)
+}
+
+ENTRY %main (a: f32[64,64], b: f32[8], c: bf16[4,8]) -> (f32[8], bf16[4,4]) {
+  %a = f32[64,64]{1,0} parameter(0)
+  %b = f32[8]{0} parameter(1)
+  %c = bf16[4,8]{1,0} parameter(2)
+  %fusion = f32[8]{0} fusion(%a, %b), kind=kLoop, calls=%fused_computation, FUSION_METADATA
+  %gemm = (bf16[4,4]{1,0}, s8[16]{0}) custom-call(%c, %c), GEMM_TARGET_AND_METADATA
+  %gte = bf16[4,4]{1,0} get-tuple-element(%gemm), index=0
+  ROOT %tuple = (f32[8]{0}, bf16[4,4]{1,0}) tuple(%fusion, %gte)
+}
+""".replace("FUSION_METADATA", 'metadata={op_name="jit(f)/jvp(layer)/add"}').replace(
+    "GEMM_TARGET_AND_METADATA", 'custom_call_target="__cublas$lt$matmul", '
+    'metadata={op_name="jit(f)/transpose(jvp(layer))/dot_general"}')
+
+
+def test_hlo_traffic_counts_each_kernels_bytes():
+  assert hlo_traffic.nbytes("(f32[2,3]{1,0}, pred[4]{0})") == 28
+  assert hlo_traffic.nbytes("bf16[]") == 2
+  assert hlo_traffic.kernels(HLO) == [
+      # the fusion reads only a [1, 8] slice of its first operand
+      {"name": "fusion", "kind": "kLoop", "source": "forward layer", "read": 32 + 32,
+       "written": 32},
+      {"name": "gemm", "kind": "gemm", "source": "backward layer", "read": 2 * 64,
+       "written": 32 + 16}]
+  summary = hlo_traffic.summarize(hlo_traffic.kernels(HLO), top=5)
+  assert summary["gb"] == pytest.approx(272e-9) and summary["other_gb"] == pytest.approx(96e-9)
+  assert summary["sources"] == [{"source": "forward layer", "count": 1, "gb": 96e-9}]
+
+
+def test_hlo_traffic_of_the_compiled_train_step():
+  config = tiny_config.get_config()
+  kernels = hlo_traffic.kernels(hlo_traffic.compiled_step_text(config, 2, 37, None))
+  summary = hlo_traffic.summarize(kernels, top=1000)
+  assert kernels and all(k["read"] >= 0 and k["written"] > 0 for k in kernels)
+  assert sum(k["gb"] for k in summary["kinds"]) == pytest.approx(summary["gb"])
+  sources = {s["source"] for s in summary["sources"]}
+  assert {"optimizer", "ema", "forward loss"} <= sources, sources
+  assert any(s.startswith("backward DiT/blocks_*") for s in sources), sources
