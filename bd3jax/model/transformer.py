@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model.attention import attention, cache_attention, update_kv_cache
 from bd3jax.model.dropout import dropout
+from bd3jax.model.layer_ops import gelu_tanh, modulated_layer_norm
 
-LN_EPS = 1e-5
 TIMESTEP_DIM = 256
 ROPE_BASE = 10_000.0
 
@@ -59,16 +59,13 @@ def _dense(features, names, fan_in, *, use_bias=True, zero=False, axis=-1, dtype
 
 
 class LayerNorm(nn.Module):
-  """Weight-only LayerNorm computed in float32 (eps 1e-5)."""
+  """Weight-only LayerNorm computed in float32 (eps 1e-5), then adaLN's modulation if given."""
 
   @nn.compact
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, shift_B1D=None, scale_B1D=None):
     weight_D = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
                           (x_BTD.shape[-1],), jnp.float32)
-    x_BTD = x_BTD.astype(jnp.float32)
-    mean = x_BTD.mean(-1, keepdims=True)
-    var = jnp.square(x_BTD - mean).mean(-1, keepdims=True)
-    return (x_BTD - mean) * jax.lax.rsqrt(var + LN_EPS) * weight_D
+    return modulated_layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D)
 
 
 def timestep_embedding(sigma_B, dim: int = TIMESTEP_DIM, max_period: float = 10_000.0):
@@ -138,10 +135,6 @@ def inference_params(cfg: ModelConfig, params):
   return jax.tree_util.tree_map_with_path(cast, nn.unbox(params))
 
 
-def _modulate(x_BTD, shift_B1D, scale_B1D):
-  return x_BTD * (1 + scale_B1D) + shift_B1D
-
-
 class TimestepEmbedder(nn.Module):
   cfg: ModelConfig
 
@@ -174,12 +167,12 @@ class Block(nn.Module):
       shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
           mod_B6D[:, None, :], 6, axis=-1)
     else:
-      shift_msa = scale_msa = shift_mlp = scale_mlp = 0.0
+      shift_msa = scale_msa = shift_mlp = scale_mlp = None
       gate_msa = gate_mlp = 1.0
     drop = lambda x: (dropout(x, cfg.dropout, self.make_rng("dropout"))
                       if train and cfg.dropout > 0 else x)
 
-    h_BTD = _modulate(LayerNorm(name="norm1")(x_BTD), shift_msa, scale_msa).astype(dt)
+    h_BTD = LayerNorm(name="norm1")(x_BTD, shift_msa, scale_msa).astype(dt)
     qkv_BT3HK = _dense((3, h, k), ("embed", "qkv", "heads", "head_dim"), d, use_bias=False,
                        dtype=dt, name="attn_qkv")(h_BTD)
     cos_TK, sin_TK = rope  # Q = keep (default: all T) tokens go on past q, k, v
@@ -194,9 +187,9 @@ class Block(nn.Module):
                    name="attn_out")(o_BQHK)
     x_BTD = x_BTD + gate_msa * drop(o_BTD.astype(jnp.float32))
 
-    h_BTD = _modulate(LayerNorm(name="norm2")(x_BTD), shift_mlp, scale_mlp).astype(dt)
+    h_BTD = LayerNorm(name="norm2")(x_BTD, shift_mlp, scale_mlp).astype(dt)
     h_BTF = _dense(cfg.mlp_ratio * d, ("embed", "mlp"), d, dtype=dt, name="mlp_0")(h_BTD)
-    h_BTF = nn.gelu(h_BTF, approximate=True)
+    h_BTF = gelu_tanh(h_BTF)
     h_BTD = _dense(d, ("mlp", "embed"), cfg.mlp_ratio * d, dtype=dt, name="mlp_2")(h_BTF)
     return x_BTD + gate_mlp * drop(h_BTD.astype(jnp.float32))
 
@@ -218,12 +211,12 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, c_BC):
     cfg = self.cfg
-    x_BTD = LayerNorm(name="norm_final")(x_BTD)
+    shift = scale = None
     if cfg.adaln:
       mod_B2D = _dense(2 * cfg.d_model, ("cond", "modulation"), cfg.cond_dim, zero=True,
                        dtype=jnp.float32, name="adaLN_modulation")(c_BC)
       shift, scale = jnp.split(mod_B2D[:, None, :], 2, axis=-1)
-      x_BTD = _modulate(x_BTD, shift, scale)
+    x_BTD = LayerNorm(name="norm_final")(x_BTD, shift, scale)
     logits_BTV = _dense(cfg.vocab_size, ("embed", "vocab"), cfg.d_model, zero=True,
                         dtype=jnp.dtype(cfg.dtype), name="linear")(x_BTD.astype(cfg.dtype))
     return logits_BTV.astype(jnp.float32)

@@ -1,0 +1,92 @@
+"""bd3jax.model.layer_ops: the plain formulas' values, and autodiff's gradients of them."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bd3jax.model.layer_ops import gelu_tanh, modulated_layer_norm
+
+
+def plain_layer_norm(x, weight, shift=None, scale=None):
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * weight
+  return y if shift is None else y * (1 + scale) + shift
+
+
+def inputs(seed, shape, modulation):
+  """x with a large mean (as a residual stream may have), weight, and shift/scale or None."""
+  b, _, d = shape
+  kx, kw, ks, kc = jax.random.split(jax.random.key(seed), 4)
+  x = 3.0 + 2.0 * jax.random.normal(kx, shape)
+  weight = 1.0 + 0.3 * jax.random.normal(kw, (d,))
+  if modulation is None:
+    return x, weight, None, None
+  rows = b if modulation == "per_row" else 1
+  return (x, weight, 0.5 * jax.random.normal(ks, (rows, 1, d)),
+          0.5 * jax.random.normal(kc, (rows, 1, d)))
+
+
+MODULATIONS = [None, "per_row", "shared"]
+
+
+@pytest.mark.parametrize("modulation", MODULATIONS)
+@pytest.mark.parametrize("shape", [(2, 7, 16), (3, 1, 64)])
+def test_layer_norm_values_are_the_plain_formulas(modulation, shape):
+  x, weight, shift, scale = inputs(0, shape, modulation)
+  got = jax.jit(modulated_layer_norm)(x, weight, shift, scale)
+  want = jax.jit(plain_layer_norm)(x, weight, shift, scale)
+  assert got.dtype == jnp.float32 and got.shape == shape
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_norm_takes_bfloat16_rows():
+  x, weight, shift, scale = inputs(1, (2, 5, 32), "per_row")
+  x = x.astype(jnp.bfloat16)
+  np.testing.assert_allclose(modulated_layer_norm(x, weight, shift, scale),
+                             plain_layer_norm(x, weight, shift, scale), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("modulation", MODULATIONS)
+@pytest.mark.parametrize("shape", [(2, 7, 16), (4, 33, 48)])
+def test_layer_norm_gradients_are_autodiffs(modulation, shape):
+  x, weight, shift, scale = inputs(2, shape, modulation)
+  dy = jax.random.normal(jax.random.key(3), shape)
+  args = (x, weight) if modulation is None else (x, weight, shift, scale)
+
+  def grads(fn):
+    return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * dy), argnums=tuple(range(len(args)))))(
+        *args)
+
+  got, want = grads(modulated_layer_norm), grads(plain_layer_norm)
+  for g, w, a in zip(got, want, args):
+    assert g.shape == a.shape
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(jnp.abs(w).max()))
+
+
+def test_layer_norm_gradient_of_a_constant_row_is_finite():
+  x = jnp.ones((1, 3, 8)).at[0, 1].set(jnp.arange(8.0))
+  g = jax.grad(lambda x: jnp.sum(modulated_layer_norm(x, jnp.ones(8)) ** 3))(x)
+  assert bool(jnp.all(jnp.isfinite(g)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_tanh_is_flax_gelu_and_its_gradient(dtype):
+  x = (4.0 * jax.random.normal(jax.random.key(4), (3, 5, 40))).astype(dtype)
+  g = jax.random.normal(jax.random.key(5), x.shape).astype(dtype)
+  flax_gelu = lambda x: nn.gelu(x, approximate=True)
+  got = jax.jit(gelu_tanh)(x)
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(got, jax.jit(flax_gelu)(x))
+
+  def grad(fn):
+    return jax.jit(lambda x, g: jax.vjp(fn, x)[1](g)[0])(x, g)
+
+  got, want = grad(gelu_tanh), grad(flax_gelu)
+  assert got.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=tol, atol=tol)
