@@ -67,6 +67,26 @@ def test_layer_norm_gradients_are_autodiffs(modulation, shape):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(jnp.abs(w).max()))
 
 
+@pytest.mark.parametrize("shift_shape", [(16,), (1, 16), (2, 1, 16)])
+def test_layer_norm_gradients_reach_every_shift_shape(shift_shape):
+  x, weight, _, _ = inputs(6, (2, 5, 16), None)
+  shift = jax.random.normal(jax.random.key(7), shift_shape)
+  loss = lambda fn, s: jnp.sum(jnp.sin(fn(x, weight, s, 0.5 * s)))
+  got = jax.grad(lambda s: loss(modulated_layer_norm, s))(shift)
+  want = jax.grad(lambda s: loss(plain_layer_norm, s))(shift)
+  assert got.shape == shift_shape
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shift_shape", [(2, 5, 16), (5, 16), (3, 1, 16)])
+def test_layer_norm_refuses_a_modulation_that_varies_along_t(shift_shape):
+  x, weight, _, _ = inputs(8, (2, 5, 16), None)
+  with pytest.raises(ValueError, match="broadcast to one row per sequence"):
+    modulated_layer_norm(x, weight, jnp.zeros(shift_shape), jnp.zeros(shift_shape))
+  with pytest.raises(ValueError, match=r"\[B, T, D\] rows"):
+    modulated_layer_norm(x[0], weight)
+
+
 def test_layer_norm_gradient_of_a_constant_row_is_finite():
   x = jnp.ones((1, 3, 8)).at[0, 1].set(jnp.arange(8.0))
   g = jax.grad(lambda x: jnp.sum(modulated_layer_norm(x, jnp.ones(8)) ** 3))(x)

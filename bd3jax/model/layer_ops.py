@@ -41,7 +41,8 @@ def _layer_norm_fwd(x_BTD, weight_D, shift_B1D, scale_B1D):
 
 
 def _sum_to(a, shape):
-  """Sums a gradient over the axes that broadcasting added or stretched to reach a.shape."""
+  """`a` summed down to `shape`, over the axes that broadcasting `shape` to a.shape added or
+  stretched."""
   a = a.sum(tuple(range(a.ndim - len(shape))))
   return a.sum(tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1), keepdims=True)
 
@@ -63,16 +64,30 @@ def _layer_norm_bwd(residuals, dy_BTD):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def _broadcasts_to(shape, target) -> bool:
+  try:
+    return jnp.broadcast_shapes(shape, target) == target
+  except ValueError:
+    return False
+
+
 def modulated_layer_norm(x_BTD, weight_D, shift_B1D=None, scale_B1D=None):
   """LayerNorm(x) * weight * (1 + scale) + shift in float32 (eps 1e-5); [B, T, D] -> [B, T, D].
 
-  Without `shift_B1D`/`scale_B1D`, the plain weight-only LayerNorm. Each of them broadcasts
-  against x over T (e.g. [B, 1, D], adaLN's per-sequence modulation).
+  Without `shift_B1D`/`scale_B1D`, the plain weight-only LayerNorm. Each of them must broadcast
+  to [B, 1, D] (one modulation per sequence, as adaLN's), e.g. [B, 1, D], [1, 1, D] or [D].
   """
+  if x_BTD.ndim != 3:
+    raise ValueError(f"modulated_layer_norm takes [B, T, D] rows, got shape {x_BTD.shape}")
   x_BTD = x_BTD.astype(jnp.float32)
   zeros = jnp.zeros((1, 1, x_BTD.shape[-1]), jnp.float32)
   shift_B1D = zeros if shift_B1D is None else shift_B1D
   scale_B1D = zeros if scale_B1D is None else scale_B1D
+  row = (x_BTD.shape[0], 1, x_BTD.shape[2])
+  for name, a in (("shift", shift_B1D), ("scale", scale_B1D)):
+    if not _broadcasts_to(jnp.shape(a), row):
+      raise ValueError(f"{name} of shape {jnp.shape(a)} does not broadcast to one row per "
+                       f"sequence, [B, 1, D] = {list(row)}")
   return _layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D)
 
 
