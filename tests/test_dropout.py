@@ -32,6 +32,29 @@ def test_drop_rate_and_scale(impl, rate, shape):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(4, 16, 96), (3, 5, 13), (2, 9), (7,), (3, 1), ()])
+def test_kept_elements_are_the_draws_at_or_above_the_threshold(impl, shape):
+  """The keep bits packed per evaluation and unpacked by the select are the draws' order."""
+  key = jax.random.key(11, impl=impl)
+  rate = 0.3
+  kept = np.asarray(dropout(jnp.ones(shape, jnp.float32), rate, key)) != 0
+  draws = np.asarray(random_uint16(key, shape))
+  np.testing.assert_array_equal(kept, draws >= round(rate * 2 ** DRAW_BITS))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_is_the_scaled_mask(impl):
+  key = jax.random.key(5, impl=impl)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 37))
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  out, grad = jax.value_and_grad(lambda x: jnp.sum(dropout(x, 0.25, key) * w))(x)
+  keep = np.asarray(random_uint16(key, x.shape)) >= round(0.25 * 2 ** DRAW_BITS)
+  np.testing.assert_allclose(grad, np.where(keep, np.asarray(w) / 0.75, 0.0), rtol=1e-6)
+  np.testing.assert_allclose(out, np.sum(np.where(keep, np.asarray(x) / 0.75, 0) * w),
+                             atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_draws_are_uniform_and_independent(impl):
   u = np.asarray(random_uint16(jax.random.key(7, impl=impl), (16, 64, 256)))
   assert u.dtype == np.uint32 and u.min() >= 0 and u.max() < 2 ** DRAW_BITS

@@ -3,7 +3,9 @@
 `jax.random.bernoulli` (flax's `nn.Dropout`) spends one Threefry-2x32 evaluation (20 rounds of
 integer mixing, most of dropout's arithmetic) on every element. Here each evaluation's 64 output
 bits give four 16-bit draws, so the training pass hashes a quarter as often. The counters are
-elementwise over the drawn shape, so the draws are the same under any sharding of it.
+elementwise over the drawn shape, so the draws are the same under any sharding of it. What
+the forward pass keeps for the backward is one byte per evaluation, the four draws' keep bits:
+the hash and the comparisons run in one kernel, and the selects unpack the bits.
 """
 
 import math
@@ -32,20 +34,19 @@ def dropout(x, rate: float, key):
   if threshold == _LEVELS:
     raise ValueError(f"dropout rate {rate} rounds to 1 at {DRAW_BITS}-bit resolution")
   with jax.named_scope("dropout"):
-    keep = _along_last_axis([d >= threshold for d in _draws(key, x.shape)], x.shape)
+    keep = _keep_mask(key, x.shape, threshold)
     scale = _LEVELS / (_LEVELS - threshold)
     return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 
 
 def random_uint16(key, shape):
   """Uniform integers in [0, 2^16) of `shape` (as uint32), drawn along the last axis."""
-  return _along_last_axis(_draws(key, shape), shape)
+  return _along_last_axis(jnp.stack(_draws(key, shape), axis=-1), shape)
 
 
 def _draws(key, shape):
   """The 16-bit draws for `shape` as n = 4 (Threefry) or 2 arrays [..., ceil(last / n)]:
-  draw i along the last axis is element i // n of array i % n. Each array is compared (or
-  used) before `_along_last_axis` interleaves them, so that what XLA keeps is the result."""
+  draw i along the last axis is element i // n of array i % n."""
   if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)
   *lead, last = shape or (1,)
@@ -56,10 +57,21 @@ def _draws(key, shape):
   return [half for w in words for half in (w & (_LEVELS - 1), w >> DRAW_BITS)]
 
 
-def _along_last_axis(lanes, shape):
-  """`_draws`-shaped arrays interleaved along the last axis, cut to `shape`."""
+def _keep_mask(key, shape, threshold: int):
+  """Whether each draw of `shape` is >= threshold, through a uint8 per evaluation (bit j:
+  its draw j). Each byte depends on one evaluation only, so XLA fuses the hash into the
+  kernel that writes the bytes; the readers of the mask unpack them in their own kernels."""
+  lanes = _draws(key, shape)
+  bits_M = sum((draws >= threshold).astype(jnp.uint8) << j for j, draws in enumerate(lanes))
+  keep_MN = (bits_M[..., None] & (1 << jnp.arange(len(lanes), dtype=jnp.uint8))) != 0
+  return _along_last_axis(keep_MN, shape)
+
+
+def _along_last_axis(lanes_MN, shape):
+  """[..., M, n] (lane j of `_draws`'s last axis) in draw order along the last axis, cut to
+  `shape`."""
   *lead, last = shape or (1,)
-  return jnp.stack(lanes, axis=-1).reshape(*lead, -1)[..., :last].reshape(shape)
+  return lanes_MN.reshape(*lead, -1)[..., :last].reshape(shape)
 
 
 def _threefry_words(key, shape):
