@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bd3jax.model.layer_ops import gelu_tanh, modulated_layer_norm
+from bd3jax.model.layer_ops import gelu_tanh, linear, modulated_layer_norm
 
 
 def plain_layer_norm(x, weight, shift=None, scale=None):
@@ -108,3 +108,25 @@ def test_gelu_tanh_is_flax_gelu_and_its_gradient(dtype):
   got, want = grad(gelu_tanh), grad(flax_gelu)   # recomputed by the same ops
   assert got.dtype == dtype
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("x_shape", [(2, 7, 24), (5, 24), (1, 1, 24)])
+def test_linear_is_flax_dense_and_its_gradients_autodiffs(dtype, x_shape):
+  kx, kk, kb, kg = jax.random.split(jax.random.key(6), 4)
+  x = jax.random.normal(kx, x_shape).astype(dtype)
+  kernel = (0.2 * jax.random.normal(kk, (24, 40))).astype(dtype)
+  bias = jax.random.normal(kb, (40,)).astype(dtype)
+  dense = nn.Dense(40, dtype=dtype, param_dtype=dtype)
+  flax_dense = lambda x, kernel, bias: dense.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+  got = jax.jit(linear)(x, kernel, bias)
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(got, jax.jit(flax_dense)(x, kernel, bias))
+
+  g = jax.random.normal(kg, got.shape).astype(dtype)
+  grads = lambda fn: jax.jit(lambda *a: jax.vjp(fn, *a)[1](g))(x, kernel, bias)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for got, want in zip(grads(linear), grads(flax_dense)):
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tol, atol=tol * np.abs(np.asarray(want, np.float32)).max())

@@ -1,4 +1,5 @@
-"""The block's adaLN-modulated LayerNorm and tanh GELU, with backward passes that read less.
+"""The network's adaLN-modulated LayerNorm, tanh GELU and output projection, with backward
+passes that read less.
 
 Forward values are those of the plain formulas, op for op. The backward passes are written so
 that XLA's fused step moves fewer bytes over [B, T, D] and [B, T, F] activations:
@@ -8,6 +9,9 @@ that XLA's fused step moves fewer bytes over [B, T, D] and [B, T, F] activations
   products, wrote each [B, T, D] product in float32, then reduced it in another kernel.
 - `gelu_tanh` keeps its input, which the MLP's first matmul wrote anyway, and recomputes tanh in
   the backward pass; autodiff kept a second [B, T, F] array, tanh of the input.
+- `linear` gets the bias's gradient from the kernel's gradient matmul, as one more row of it
+  (x with a column of ones); autodiff read the whole incoming gradient (the [B, L, V] logits'
+  at the output layer) once more to sum it.
 """
 
 import flax.linen as nn
@@ -111,3 +115,30 @@ def _gelu_bwd(x, g):
 
 
 gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def _matmul(a, b, a_axes, b_axes):
+  return jax.lax.dot_general(a, b, ((a_axes, b_axes), ((), ())))
+
+
+@jax.custom_vjp
+def linear(x_BTD, kernel_DV, bias_V):
+  """x @ kernel + bias over the last axis, as flax's `nn.Dense` computes it (matmul, then the
+  bias added in the inputs' dtype); x, kernel and bias must share one dtype."""
+  return _matmul(x_BTD, kernel_DV, (x_BTD.ndim - 1,), (0,)) + bias_V
+
+
+def _linear_fwd(x_BTD, kernel_DV, bias_V):
+  return linear(x_BTD, kernel_DV, bias_V), (x_BTD, kernel_DV)
+
+
+def _linear_bwd(residuals, dy_BTV):
+  x_BTD, kernel_DV = residuals
+  rows = tuple(range(x_BTD.ndim - 1))
+  x1_BTE = jnp.concatenate([x_BTD, jnp.ones((*x_BTD.shape[:-1], 1), x_BTD.dtype)], axis=-1)
+  dkernel_bias_EV = _matmul(x1_BTE, dy_BTV, rows, rows)
+  dx_BTD = _matmul(dy_BTV, kernel_DV, (dy_BTV.ndim - 1,), (1,))
+  return dx_BTD, dkernel_bias_EV[:-1], dkernel_bias_EV[-1]
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)

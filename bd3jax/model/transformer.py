@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model.attention import attention, cache_attention, update_kv_cache
 from bd3jax.model.dropout import dropout
-from bd3jax.model.layer_ops import gelu_tanh, modulated_layer_norm
+from bd3jax.model.layer_ops import gelu_tanh, linear, modulated_layer_norm
 
 TIMESTEP_DIM = 256
 ROPE_BASE = 10_000.0
@@ -217,9 +217,23 @@ class FinalLayer(nn.Module):
                        dtype=jnp.float32, name="adaLN_modulation")(c_BC)
       shift, scale = jnp.split(mod_B2D[:, None, :], 2, axis=-1)
     x_BTD = LayerNorm(name="norm_final")(x_BTD, shift, scale)
-    logits_BTV = _dense(cfg.vocab_size, ("embed", "vocab"), cfg.d_model, zero=True,
-                        dtype=jnp.dtype(cfg.dtype), name="linear")(x_BTD.astype(cfg.dtype))
-    return logits_BTV.astype(jnp.float32)
+    return OutputLinear(cfg, name="linear")(x_BTD).astype(jnp.float32)
+
+
+class OutputLinear(nn.Module):
+  """The logits' projection: `nn.Dense`'s parameters (zero-initialized) and values, run in
+  `cfg.dtype` through `layer_ops.linear`."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    zeros = nn.initializers.zeros_init()
+    kernel_DV = self.param("kernel", nn.with_logical_partitioning(zeros, ("embed", "vocab")),
+                           (cfg.d_model, cfg.vocab_size), jnp.float32)
+    bias_V = self.param("bias", nn.with_logical_partitioning(zeros, ("vocab",)),
+                        (cfg.vocab_size,), jnp.float32)
+    return linear(x_BTD.astype(dtype), kernel_DV.astype(dtype), bias_V.astype(dtype))
 
 
 def positions_for(mask: AttentionMask):
