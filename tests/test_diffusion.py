@@ -52,6 +52,20 @@ def test_target_log_prob_matches_log_softmax_and_a_gather(rng, dtype, excluded_i
     assert not grad[..., excluded_id].any()
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_target_log_prob_over_wide_ranges_of_logits(rng, scale):
+  """Rows of near-equal, ordinary and far-apart logits, rows whose largest logit comes first
+  or last, and a row equal everywhere, with and without an excluded token."""
+  logits = scale * jax.random.normal(rng, (4, 5, 97))
+  logits = logits.at[0, 0].set(jnp.arange(97.0)).at[0, 1].set(-jnp.arange(97.0))
+  logits = logits.at[0, 2].set(2.5)
+  target = jnp.full((4, 5), 3)
+  for excluded_id in (None, 0):
+    np.testing.assert_allclose(diffusion.target_log_prob(logits, target, excluded_id),
+                               dense_target_log_prob(logits, target, excluded_id),
+                               rtol=1e-6, atol=1e-5)
+
+
 def test_full_masking_block_size_one_is_the_ar_nll(rng):
   """L' = 1, t = 1: the NELBO is the NLL of the network run left to right, token by token."""
   L = 8
