@@ -8,9 +8,10 @@ pass's last layer) the kernels visit only those queries' tiles.
   full ones without mask arithmetic, then partial ones through `tiles.visible`, with an
   online softmax in float32; it writes the output and the log-sum-exp `lse2_BHT` (float32, in
   base 2: the kernels scale logits by log2 e and exponentiate with exp2).
-- Backward (`jax.custom_vjp`), FlashAttention-2 style with no atomics: delta = rowsum(dO * O)
-  in XLA; one kernel per (batch, head, query tile) accumulates dq over the same key tiles;
-  one per (batch, head, key tile) accumulates dk and dv over the query tiles that see it.
+- Backward (`jax.custom_vjp`), FlashAttention-2 style with no atomics: one kernel per (batch,
+  head, query tile) computes its rows' delta = rowsum(dO * O) and accumulates dq over the same
+  key tiles, and writes delta for the other kernel: one per (batch, head, key tile), which
+  accumulates dk and dv over the query tiles that see it.
   Probabilities are recomputed from `lse2`; they are cast to the input dtype before the
   matmuls with v / dO, as `dense_attention` does; all accumulators are float32.
 
@@ -261,10 +262,12 @@ def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse2_ref,
   lse2_ref[...] = m_Q + jnp.log2(l_Q)
 
 
-def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref,
-               *, cfg):
+def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, o_ref, dq_ref,
+               delta_ref, *, cfg):
   bq, bk = cfg.dq.block_q, cfg.dq.block_k
-  q_QD, do_QD, lse2_Q, delta_Q = q_ref[...], do_ref[...], lse2_ref[...], delta_ref[...]
+  q_QD, do_QD, lse2_Q = q_ref[...], do_ref[...], lse2_ref[...]
+  delta_Q = jnp.sum(o_ref[...].astype(jnp.float32) * do_QD.astype(jnp.float32), axis=-1)
+  delta_ref[...] = delta_Q
   q_pos_Q = tile_positions(pl.program_id(2), bq)
 
   def body(j, masked, dq_QD):
@@ -367,18 +370,18 @@ def backward(q_BQHK, k_BTHK, v_BTHK, o_BQHK, lse2_BHQ, do_BQHK, cfg: KernelConfi
   """(dq, dk, dv) from the forward's residuals and the output cotangent (Q and T padded)."""
   b, q, h, d = q_BQHK.shape
   t = cfg.num_tokens
-  delta_BHQ = jnp.einsum("bqhk,bqhk->bhq", o_BQHK.astype(jnp.float32),
-                         do_BQHK.astype(jnp.float32))
   do_BQHK = do_BQHK.astype(q_BQHK.dtype)
-  args = (q_BQHK, k_BTHK, v_BTHK, do_BQHK, lse2_BHQ, delta_BHQ)
 
   rows, _ = kernel_tiles(cfg.mask, t, cfg.dq.block_q, cfg.dq.block_k, q)
   q_tile, kv_whole, row_tile = _tile(cfg.dq.block_q, d), _whole(t, d), _row_tile(cfg.dq.block_q)
-  dq_BQHK = _call(
+  dq_BQHK, delta_BHQ = _call(
       _dq_kernel, cfg, cfg.dq, (b, h, q // cfg.dq.block_q),
-      [*_list_specs(rows), q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile], q_tile,
-      jax.ShapeDtypeStruct(q_BQHK.shape, q_BQHK.dtype),
-      "bd3_attention_dq")(*_list_args(rows), *args)
+      [*_list_specs(rows), q_tile, kv_whole, kv_whole, q_tile, row_tile, q_tile],
+      [q_tile, row_tile],
+      [jax.ShapeDtypeStruct(q_BQHK.shape, q_BQHK.dtype),
+       jax.ShapeDtypeStruct((b, h, q), jnp.float32)],
+      "bd3_attention_dq")(*_list_args(rows), q_BQHK, k_BTHK, v_BTHK, do_BQHK, lse2_BHQ, o_BQHK)
+  args = (q_BQHK, k_BTHK, v_BTHK, do_BQHK, lse2_BHQ, delta_BHQ)
 
   _, cols = kernel_tiles(cfg.mask, t, cfg.dkv.block_q, cfg.dkv.block_k, q)
   k_tile, q_whole, row_whole = _tile(cfg.dkv.block_k, d), _whole(q, d), _row_whole(q)
