@@ -130,3 +130,15 @@ def test_linear_is_flax_dense_and_its_gradients_autodiffs(dtype, x_shape):
     assert got.dtype == want.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=tol, atol=tol * np.abs(np.asarray(want, np.float32)).max())
+
+
+@pytest.mark.parametrize("shapes,dtypes", [
+    (((2, 24), (24, 40), (40,)), (jnp.bfloat16, jnp.float32, jnp.float32)),
+    (((2, 24), (24, 40), (40,)), (jnp.float32, jnp.float32, jnp.bfloat16)),
+    (((2, 24), (20, 40), (40,)), (jnp.float32,) * 3),
+    (((2, 24), (24, 40), (1, 40)), (jnp.float32,) * 3),
+    (((2, 24), (24, 40, 1), (40, 1)), (jnp.float32,) * 3)])
+def test_linear_refuses_mixed_dtypes_and_mismatched_shapes(shapes, dtypes):
+  args = [jnp.zeros(shape, dtype) for shape, dtype in zip(shapes, dtypes)]
+  with pytest.raises(ValueError, match="linear takes"):
+    linear(*args)

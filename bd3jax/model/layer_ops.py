@@ -121,15 +121,31 @@ def _matmul(a, b, a_axes, b_axes):
   return jax.lax.dot_general(a, b, ((a_axes, b_axes), ((), ())))
 
 
-@jax.custom_vjp
 def linear(x_BTD, kernel_DV, bias_V):
   """x @ kernel + bias over the last axis, as flax's `nn.Dense` computes it (matmul, then the
-  bias added in the inputs' dtype); x, kernel and bias must share one dtype."""
+  bias added in the inputs' dtype); x [..., D], kernel [D, V] and bias [V] of one dtype."""
+  dtypes = {jnp.dtype(a.dtype) for a in (x_BTD, kernel_DV, bias_V)}
+  if len(dtypes) > 1:
+    raise ValueError(f"linear takes x, kernel and bias of one dtype, got {x_BTD.dtype}, "
+                     f"{kernel_DV.dtype} and {bias_V.dtype}")
+  if kernel_DV.ndim != 2 or kernel_DV.shape[0] != x_BTD.shape[-1] or (
+      bias_V.shape != kernel_DV.shape[1:]):
+    raise ValueError(f"linear takes x [..., D], kernel [D, V] and bias [V], got shapes "
+                     f"{x_BTD.shape}, {kernel_DV.shape} and {bias_V.shape}")
+  return _linear(x_BTD, kernel_DV, bias_V)
+
+
+def _affine(x_BTD, kernel_DV, bias_V):
   return _matmul(x_BTD, kernel_DV, (x_BTD.ndim - 1,), (0,)) + bias_V
 
 
+@jax.custom_vjp
+def _linear(x_BTD, kernel_DV, bias_V):
+  return _affine(x_BTD, kernel_DV, bias_V)
+
+
 def _linear_fwd(x_BTD, kernel_DV, bias_V):
-  return linear(x_BTD, kernel_DV, bias_V), (x_BTD, kernel_DV)
+  return _affine(x_BTD, kernel_DV, bias_V), (x_BTD, kernel_DV)
 
 
 def _linear_bwd(residuals, dy_BTV):
@@ -141,4 +157,4 @@ def _linear_bwd(residuals, dy_BTV):
   return dx_BTD, dkernel_bias_EV[:-1], dkernel_bias_EV[-1]
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_linear.defvjp(_linear_fwd, _linear_bwd)
