@@ -33,20 +33,26 @@ def inputs(seed, shape, modulation):
 MODULATIONS = [None, "per_row", "shared"]
 
 
+def normed(*args, **kwargs):
+  """modulated_layer_norm's rows, without the mean it also returns."""
+  return modulated_layer_norm(*args, **kwargs)[0]
+
+
 @pytest.mark.parametrize("modulation", MODULATIONS)
 @pytest.mark.parametrize("shape", [(2, 7, 16), (3, 1, 64)])
 def test_layer_norm_values_are_the_plain_formulas(modulation, shape):
   x, weight, shift, scale = inputs(0, shape, modulation)
-  got = jax.jit(modulated_layer_norm)(x, weight, shift, scale)
+  got, mean = jax.jit(modulated_layer_norm)(x, weight, shift, scale)
   want = jax.jit(plain_layer_norm)(x, weight, shift, scale)
   assert got.dtype == jnp.float32 and got.shape == shape
   np.testing.assert_array_equal(got, want)   # the same ops in the same order
+  np.testing.assert_array_equal(mean, jax.jit(lambda x: x.mean(-1, keepdims=True))(x))
 
 
 def test_layer_norm_takes_bfloat16_rows():
   x, weight, shift, scale = inputs(1, (2, 5, 32), "per_row")
   x = x.astype(jnp.bfloat16)
-  np.testing.assert_array_equal(modulated_layer_norm(x, weight, shift, scale),
+  np.testing.assert_array_equal(normed(x, weight, shift, scale),
                                 plain_layer_norm(x, weight, shift, scale))
 
 
@@ -61,7 +67,7 @@ def test_layer_norm_gradients_are_autodiffs(modulation, shape):
     return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * dy), argnums=tuple(range(len(args)))))(
         *args)
 
-  got, want = grads(modulated_layer_norm), grads(plain_layer_norm)
+  got, want = grads(normed), grads(plain_layer_norm)
   for g, w, a in zip(got, want, args):
     assert g.shape == a.shape
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(jnp.abs(w).max()))
@@ -72,7 +78,7 @@ def test_layer_norm_gradients_reach_every_shift_shape(shift_shape):
   x, weight, _, _ = inputs(6, (2, 5, 16), None)
   shift = jax.random.normal(jax.random.key(7), shift_shape)
   loss = lambda fn, s: jnp.sum(jnp.sin(fn(x, weight, s, 0.5 * s)))
-  got = jax.grad(lambda s: loss(modulated_layer_norm, s))(shift)
+  got = jax.grad(lambda s: loss(normed, s))(shift)
   want = jax.grad(lambda s: loss(plain_layer_norm, s))(shift)
   assert got.shape == shift_shape
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
@@ -89,8 +95,68 @@ def test_layer_norm_refuses_a_modulation_that_varies_along_t(shift_shape):
 
 def test_layer_norm_gradient_of_a_constant_row_is_finite():
   x = jnp.ones((1, 3, 8)).at[0, 1].set(jnp.arange(8.0))
-  g = jax.grad(lambda x: jnp.sum(modulated_layer_norm(x, jnp.ones(8)) ** 3))(x)
-  assert bool(jnp.all(jnp.isfinite(g)))
+  for center in (None, jnp.full((1, 3, 1), 0.5)):
+    g = jax.grad(lambda x: jnp.sum(normed(x, jnp.ones(8), center_BT1=center) ** 3))(x)
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def near_means(x, seed):
+  """Per-row values within about one standard deviation of each row's mean."""
+  noise = jax.random.normal(jax.random.key(seed), x.shape[:2] + (1,))
+  return x.mean(-1, keepdims=True) + noise * x.std(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_layer_norm_centered_statistics_are_the_plain_formulas(modulation):
+  """With a center, one pass of moments of x - center: the plain formulas' values to float32
+  rounding, on rows of mean 3 and std 2."""
+  x, weight, shift, scale = inputs(9, (3, 11, 48), modulation)
+  got, mean = jax.jit(modulated_layer_norm)(x, weight, shift, scale, near_means(x, 10))
+  np.testing.assert_allclose(got, plain_layer_norm(x, weight, shift, scale), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(mean, x.mean(-1, keepdims=True), rtol=1e-6)
+
+
+def test_layer_norm_centered_statistics_keep_precision_far_from_zero():
+  """Rows of mean 1000 and std 1: centered near the mean, the one-pass variance does not
+  cancel (uncentered, E[x^2] - mean^2 would lose about 1e6 x float32's epsilon)."""
+  x = 1000.0 + jax.random.normal(jax.random.key(11), (2, 9, 256))
+  weight = jnp.ones(256)
+  x64 = np.asarray(x, np.float64)
+  want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+  got = normed(x, weight, center_BT1=near_means(x, 12))
+  np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+@pytest.mark.parametrize("modulation", [None, "per_row"])
+def test_layer_norm_centered_gradients_are_autodiffs(modulation):
+  """Gradients through the rows and the returned mean; the center gets none."""
+  x, weight, shift, scale = inputs(13, (2, 7, 32), modulation)
+  dy = jax.random.normal(jax.random.key(14), x.shape)
+  dmean = jax.random.normal(jax.random.key(15), x.shape[:2] + (1,))
+  center = near_means(x, 16)
+
+  def loss(x, weight, shift, scale, center):
+    y, mean = modulated_layer_norm(x, weight, shift, scale, center)
+    return jnp.sum(y * dy) + jnp.sum(mean * dmean)
+
+  def plain_loss(x, weight, shift, scale, center):
+    return (jnp.sum(plain_layer_norm(x, weight, shift, scale) * dy)
+            + jnp.sum(x.mean(-1, keepdims=True) * dmean))
+
+  argnums = (0, 1, 4) if modulation is None else (0, 1, 2, 3, 4)
+  got = jax.grad(loss, argnums)(x, weight, shift, scale, center)
+  want = jax.grad(plain_loss, argnums)(x, weight, shift, scale, center)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(jnp.abs(w).max()) + 1e-7)
+  assert not np.asarray(got[-1]).any()
+
+
+@pytest.mark.parametrize("center_shape", [(2, 5), (2, 1, 1), (2, 5, 16)])
+def test_layer_norm_refuses_a_center_that_is_not_one_per_row(center_shape):
+  x, weight, _, _ = inputs(17, (2, 5, 16), None)
+  with pytest.raises(ValueError, match="one value per row"):
+    modulated_layer_norm(x, weight, center_BT1=jnp.zeros(center_shape))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

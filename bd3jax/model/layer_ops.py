@@ -1,12 +1,17 @@
 """The network's adaLN-modulated LayerNorm, tanh GELU and output projection, with backward
 passes that read less.
 
-Forward values are those of the plain formulas, op for op. The backward passes are written so
-that XLA's fused step moves fewer bytes over [B, T, D] and [B, T, F] activations:
+Forward values are those of the plain formulas, op for op, except the LayerNorm's statistics
+when it is given a center (below). The passes are written so that XLA's fused step moves fewer
+bytes over [B, T, D] and [B, T, F] activations:
 - `modulated_layer_norm` keeps the rows' mean and 1/std from the forward pass (two [B, T] arrays)
   and gets the weight's, shift's and scale's gradients from two sums over T of the incoming
   gradient (dy and dy * x̂); autodiff recomputed the statistics inside each of four fused
-  products, wrote each [B, T, D] product in float32, then reduced it in another kernel.
+  products, wrote each [B, T, D] product in float32, then reduced it in another kernel. Given
+  each row's `center` (a value near its mean: the network passes the mean of the same token's
+  previous LayerNorm), the statistics are the first two moments of x - center, sums that XLA
+  computes in one pass over x, in the kernel that writes x (the residual add); without, the
+  mean and then the squared deviations from it, two passes.
 - `gelu_tanh` keeps its input, which the MLP's first matmul wrote anyway, and recomputes tanh in
   the backward pass; autodiff kept a second [B, T, F] array, tanh of the input.
 - `linear` gets the bias's gradient from the kernel's gradient matmul, as one more row of it
@@ -21,9 +26,15 @@ import jax.numpy as jnp
 LN_EPS = 1e-5
 
 
-def _row_stats(x_BTD):
-  mean_BT1 = x_BTD.mean(-1, keepdims=True)
-  var_BT1 = jnp.square(x_BTD - mean_BT1).mean(-1, keepdims=True)
+def _row_stats(x_BTD, center_BT1):
+  if center_BT1 is None:  # the mean, then the mean squared deviation from it
+    mean_BT1 = x_BTD.mean(-1, keepdims=True)
+    var_BT1 = jnp.square(x_BTD - mean_BT1).mean(-1, keepdims=True)
+  else:  # one pass; the variance cancels only as far as (mean - center)^2 outgrows it
+    xc_BTD = x_BTD - center_BT1
+    m1_BT1 = xc_BTD.mean(-1, keepdims=True)
+    mean_BT1 = center_BT1 + m1_BT1
+    var_BT1 = jnp.maximum(jnp.square(xc_BTD).mean(-1, keepdims=True) - jnp.square(m1_BT1), 0.0)
   return mean_BT1, jax.lax.rsqrt(var_BT1 + LN_EPS)
 
 
@@ -32,16 +43,18 @@ def _normalize_modulate(x_BTD, mean_BT1, rstd_BT1, weight_D, shift_B1D, scale_B1
 
 
 @jax.custom_vjp
-def _layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D):
-  return _normalize_modulate(x_BTD, *_row_stats(x_BTD), weight_D, shift_B1D, scale_B1D)
+def _layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D, center_BT1):
+  mean_BT1, rstd_BT1 = _row_stats(x_BTD, center_BT1)
+  return _normalize_modulate(x_BTD, mean_BT1, rstd_BT1, weight_D, shift_B1D, scale_B1D), mean_BT1
 
 
-def _layer_norm_fwd(x_BTD, weight_D, shift_B1D, scale_B1D):
+def _layer_norm_fwd(x_BTD, weight_D, shift_B1D, scale_B1D, center_BT1):
   # The barrier keeps the statistics as arrays: without it XLA recomputes them in every
   # fused consumer of the backward pass, which then cannot be fused into the sums over T.
-  mean_BT1, rstd_BT1 = jax.lax.optimization_barrier(_row_stats(x_BTD))
+  mean_BT1, rstd_BT1 = jax.lax.optimization_barrier(_row_stats(x_BTD, center_BT1))
   y_BTD = _normalize_modulate(x_BTD, mean_BT1, rstd_BT1, weight_D, shift_B1D, scale_B1D)
-  return y_BTD, (x_BTD, mean_BT1, rstd_BT1, weight_D, shift_B1D, scale_B1D)
+  return (y_BTD, mean_BT1), (x_BTD, mean_BT1, rstd_BT1, weight_D, shift_B1D, scale_B1D,
+                             center_BT1)
 
 
 def _sum_to(a, shape):
@@ -51,8 +64,9 @@ def _sum_to(a, shape):
   return a.sum(tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1), keepdims=True)
 
 
-def _layer_norm_bwd(residuals, dy_BTD):
-  x_BTD, mean_BT1, rstd_BT1, weight_D, shift, scale = residuals
+def _layer_norm_bwd(residuals, cotangents):
+  x_BTD, mean_BT1, rstd_BT1, weight_D, shift, scale, center = residuals
+  dy_BTD, dmean_BT1 = cotangents
   xhat_BTD = (x_BTD - mean_BT1) * rstd_BT1
   dshift_B1D = dy_BTD.sum(1, keepdims=True)
   dyxhat_B1D = (dy_BTD * xhat_BTD).sum(1, keepdims=True)   # scale and weight both need it
@@ -60,9 +74,11 @@ def _layer_norm_bwd(residuals, dy_BTD):
   dxhat_BTD = dy_BTD * gain_B1D
   dx_BTD = rstd_BT1 * (dxhat_BTD - dxhat_BTD.mean(-1, keepdims=True)
                        - xhat_BTD * (dxhat_BTD * xhat_BTD).mean(-1, keepdims=True))
+  dx_BTD = dx_BTD + dmean_BT1 / x_BTD.shape[-1]
   dweight_D = (dyxhat_B1D * (1 + scale)).reshape(-1, weight_D.shape[0]).sum(0)
+  dcenter = None if center is None else jnp.zeros_like(center)  # mean and var do not vary with it
   return (dx_BTD, dweight_D, _sum_to(dshift_B1D, jnp.shape(shift)),
-          _sum_to(dyxhat_B1D * weight_D, jnp.shape(scale)))
+          _sum_to(dyxhat_B1D * weight_D, jnp.shape(scale)), dcenter)
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
@@ -75,11 +91,15 @@ def _broadcasts_to(shape, target) -> bool:
     return False
 
 
-def modulated_layer_norm(x_BTD, weight_D, shift_B1D=None, scale_B1D=None):
-  """LayerNorm(x) * weight * (1 + scale) + shift in float32 (eps 1e-5); [B, T, D] -> [B, T, D].
+def modulated_layer_norm(x_BTD, weight_D, shift_B1D=None, scale_B1D=None, center_BT1=None):
+  """(LayerNorm(x) * weight * (1 + scale) + shift, the rows' mean [B, T, 1]) in float32 (eps
+  1e-5).
 
   Without `shift_B1D`/`scale_B1D`, the plain weight-only LayerNorm. Each of them must broadcast
   to [B, 1, D] (one modulation per sequence, as adaLN's), e.g. [B, 1, D], [1, 1, D] or [D].
+  `center_BT1`, a value near each row's mean (e.g. the mean this function returned for the same
+  rows before a residual branch was added), lets the statistics take one pass over x instead of
+  two; nothing is differentiated through it. The mean is differentiable as usual.
   """
   if x_BTD.ndim != 3:
     raise ValueError(f"modulated_layer_norm takes [B, T, D] rows, got shape {x_BTD.shape}")
@@ -92,7 +112,12 @@ def modulated_layer_norm(x_BTD, weight_D, shift_B1D=None, scale_B1D=None):
     if not _broadcasts_to(jnp.shape(a), row):
       raise ValueError(f"{name} of shape {jnp.shape(a)} does not broadcast to one row per "
                        f"sequence, [B, 1, D] = {list(row)}")
-  return _layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D)
+  if center_BT1 is not None:
+    if jnp.shape(center_BT1) != x_BTD.shape[:2] + (1,):
+      raise ValueError(f"center of shape {jnp.shape(center_BT1)} is not one value per row, "
+                       f"[B, T, 1] = {list(x_BTD.shape[:2] + (1,))}")
+    center_BT1 = jax.lax.stop_gradient(center_BT1).astype(jnp.float32)
+  return _layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D, center_BT1)
 
 
 def _gelu(x):

@@ -59,13 +59,14 @@ def _dense(features, names, fan_in, *, use_bias=True, zero=False, axis=-1, dtype
 
 
 class LayerNorm(nn.Module):
-  """Weight-only LayerNorm computed in float32 (eps 1e-5), then adaLN's modulation if given."""
+  """Weight-only LayerNorm computed in float32 (eps 1e-5), then adaLN's modulation if given.
+  Returns the rows' mean too, to center the next LayerNorm's statistics (`layer_ops`)."""
 
   @nn.compact
-  def __call__(self, x_BTD, shift_B1D=None, scale_B1D=None):
+  def __call__(self, x_BTD, shift_B1D=None, scale_B1D=None, center_BT1=None):
     weight_D = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
                           (x_BTD.shape[-1],), jnp.float32)
-    return modulated_layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D)
+    return modulated_layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D, center_BT1)
 
 
 def timestep_embedding(sigma_B, dim: int = TIMESTEP_DIM, max_period: float = 10_000.0):
@@ -151,13 +152,15 @@ class Block(nn.Module):
 
   With `keep`, only the first `keep` tokens go on after the keys and values: their queries
   alone attend and only their outputs are returned (the training pass's last block, whose x_0
-  half nothing reads).
+  half nothing reads). Returns the output and the rows' mean before the MLP branch (norm2's);
+  the next block passes it back as `center_BT1`, near its input rows' mean, so that its first
+  LayerNorm's statistics take one pass (`layer_ops.modulated_layer_norm`).
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD, c_BC, rope, mask: AttentionMask, train: bool,
-               keep: int | None = None):
+               keep: int | None = None, center_BT1=None):
     cfg = self.cfg
     d, h, k = cfg.d_model, cfg.n_heads, cfg.head_dim
     dt = jnp.dtype(cfg.dtype)
@@ -172,7 +175,8 @@ class Block(nn.Module):
     drop = lambda x: (dropout(x, cfg.dropout, self.make_rng("dropout"))
                       if train and cfg.dropout > 0 else x)
 
-    h_BTD = LayerNorm(name="norm1")(x_BTD, shift_msa, scale_msa).astype(dt)
+    h_BTD, mean_BT1 = LayerNorm(name="norm1")(x_BTD, shift_msa, scale_msa, center_BT1)
+    h_BTD = h_BTD.astype(dt)
     qkv_BT3HK = _dense((3, h, k), ("embed", "qkv", "heads", "head_dim"), d, use_bias=False,
                        dtype=dt, name="attn_qkv")(h_BTD)
     cos_TK, sin_TK = rope  # Q = keep (default: all T) tokens go on past q, k, v
@@ -187,11 +191,12 @@ class Block(nn.Module):
                    name="attn_out")(o_BQHK)
     x_BTD = x_BTD + gate_msa * drop(o_BTD.astype(jnp.float32))
 
-    h_BTD = LayerNorm(name="norm2")(x_BTD, shift_mlp, scale_mlp).astype(dt)
+    h_BTD, mean_BT1 = LayerNorm(name="norm2")(x_BTD, shift_mlp, scale_mlp, mean_BT1[:, :keep])
+    h_BTD = h_BTD.astype(dt)
     h_BTF = _dense(cfg.mlp_ratio * d, ("embed", "mlp"), d, dtype=dt, name="mlp_0")(h_BTD)
     h_BTF = gelu_tanh(h_BTF)
     h_BTD = _dense(d, ("mlp", "embed"), cfg.mlp_ratio * d, dtype=dt, name="mlp_2")(h_BTF)
-    return x_BTD + gate_mlp * drop(h_BTD.astype(jnp.float32))
+    return x_BTD + gate_mlp * drop(h_BTD.astype(jnp.float32)), mean_BT1
 
   def _attend_with_cache(self, q_BTHK, k_BTHK, v_BTHK, start):
     """Writes the tokens' keys and values into this layer's cache, then attends over it."""
@@ -209,14 +214,14 @@ class FinalLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, c_BC):
+  def __call__(self, x_BTD, c_BC, center_BT1=None):
     cfg = self.cfg
     shift = scale = None
     if cfg.adaln:
       mod_B2D = _dense(2 * cfg.d_model, ("cond", "modulation"), cfg.cond_dim, zero=True,
                        dtype=jnp.float32, name="adaLN_modulation")(c_BC)
       shift, scale = jnp.split(mod_B2D[:, None, :], 2, axis=-1)
-    x_BTD = LayerNorm(name="norm_final")(x_BTD, shift, scale)
+    x_BTD, _ = LayerNorm(name="norm_final")(x_BTD, shift, scale, center_BT1)
     return OutputLinear(cfg, name="linear")(x_BTD).astype(jnp.float32)
 
 
@@ -275,12 +280,15 @@ class DiT(nn.Module):
       positions_T = positions_for(mask)
     rope = rotary_cos_sin(positions_T, cfg.head_dim)
     x_t_only = not decoding and mask.kind is MaskKind.TRAINING  # the logits cover x_t alone
+    center_BT1 = None
     for i in range(cfg.n_layers):
       keep = mask.seq_len if x_t_only and i == cfg.n_layers - 1 else None
-      x_BTD = Block(cfg, name=f"blocks_{i}")(x_BTD, c_BC, rope, mask, train, keep)
+      x_BTD, center_BT1 = Block(cfg, name=f"blocks_{i}")(x_BTD, c_BC, rope, mask, train, keep,
+                                                          center_BT1)
     if decoding and mask.select is not None:
       x_BTD = jnp.take_along_axis(x_BTD, mask.select[:, None, None], axis=1)
-    return FinalLayer(cfg, name="output_layer")(x_BTD, c_BC)
+      center_BT1 = jnp.take_along_axis(center_BT1, mask.select[:, None, None], axis=1)
+    return FinalLayer(cfg, name="output_layer")(x_BTD, c_BC, center_BT1)
 
   def decode(self, tokens_BT, sigma_B, start, select_B=None):
     """Logits [B, T, V] of T tokens at absolute positions start.. (see `DecodeAt`); with
