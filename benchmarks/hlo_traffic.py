@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import sys
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -149,17 +150,6 @@ def summarize(kernel_list: list[dict], top: int) -> dict:
           "kinds": table("kind", kernel_list), "sources": table("source", other)}
 
 
-@contextlib.contextmanager
-def _pallas_for_gpu():
-  """The kernels choose how to lower from the default backend (here a CPU): make it a GPU's."""
-  backend = platform.backend
-  platform.backend = lambda: "gpu"
-  try:
-    yield
-  finally:
-    platform.backend = backend
-
-
 def compiled_step_text(config, batch_size: int, vocab: int, target: str | None) -> str:
   """The optimized HLO of `train.jit_train_step` for `config` (abstract inputs, nothing run)."""
   config.train.batch_size = batch_size
@@ -174,7 +164,8 @@ def compiled_step_text(config, batch_size: int, vocab: int, target: str | None) 
     replicated = NamedSharding(topologies.make_mesh(topology, (1,), ("x",)), P())
     args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                         args)
-    context = _pallas_for_gpu()
+    # The kernels choose how to lower from the default backend (here a CPU): make it a GPU's.
+    context = mock.patch.object(platform, "backend", lambda: "gpu")
   with context:
     return train.jit_train_step(task).lower(*args).compile().as_text()
 

@@ -99,7 +99,8 @@ def modulated_layer_norm(x_BTD, weight_D, shift_B1D=None, scale_B1D=None, center
   to [B, 1, D] (one modulation per sequence, as adaLN's), e.g. [B, 1, D], [1, 1, D] or [D].
   `center_BT1`, a value near each row's mean (e.g. the mean this function returned for the same
   rows before a residual branch was added), lets the statistics take one pass over x instead of
-  two; nothing is differentiated through it. The mean is differentiable as usual.
+  two; its gradient is zero (the statistics do not vary with it). The mean is differentiable
+  as usual.
   """
   if x_BTD.ndim != 3:
     raise ValueError(f"modulated_layer_norm takes [B, T, D] rows, got shape {x_BTD.shape}")
@@ -116,7 +117,7 @@ def modulated_layer_norm(x_BTD, weight_D, shift_B1D=None, scale_B1D=None, center
     if jnp.shape(center_BT1) != x_BTD.shape[:2] + (1,):
       raise ValueError(f"center of shape {jnp.shape(center_BT1)} is not one value per row, "
                        f"[B, T, 1] = {list(x_BTD.shape[:2] + (1,))}")
-    center_BT1 = jax.lax.stop_gradient(center_BT1).astype(jnp.float32)
+    center_BT1 = center_BT1.astype(jnp.float32)
   return _layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D, center_BT1)
 
 
