@@ -111,8 +111,8 @@ class BD3LM:
     return convert.to_reference(jax.device_get(self.params))
 
   def _apply_fn(self, params):
-    return lambda tokens, sigma, mask, train=False: self._model.apply(
-        {"params": params}, tokens, sigma, mask, train=False)
+    return lambda tokens, sigma, mask, train=False, head=None: self._model.apply(
+        {"params": params}, tokens, sigma, mask, train=False, head=head)
 
   # Compiled once per model; parameters are arguments, configs and sizes static.
   @functools.cached_property
@@ -129,7 +129,8 @@ class BD3LM:
   def _loss_cfg(self, block_size: int, length: int) -> diffusion.LossConfig:
     return diffusion.LossConfig(
         algo="ar" if self.is_autoregressive else "bd3lm", length=length, block_size=block_size,
-        mask_id=self.ids.mask_id, clip_min=1e-3, clip_max=1.0, resample=False)
+        mask_id=self.ids.mask_id, clip_min=1e-3, clip_max=1.0, resample=False,
+        logits_interval=(1e-3, 1.0))
 
   def logits(self, xt, x0, sigma=None) -> jax.Array:
     """Raw network logits [B, L, V] of the x_t half of the x_t ⊕ x_0 pass, before SUBS."""

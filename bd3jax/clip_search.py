@@ -7,6 +7,8 @@ moves training to the interval with the smallest variance: for each block positi
 variance across sequences, summed over blocks. The whole grid is one compiled program.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,10 +42,14 @@ def jit_search_step(task: train.Task, chunk: int, params_sharding=None, batch_sh
   (common random numbers). Compiled once per number of intervals; the intervals are mapped
   over `chunk` at a time, vmapped within a chunk (memory: `chunk` forward passes at once).
   """
+  # Every token projected: vmapped over the intervals, the masked-token head's cond would run
+  # both of its branches.
+  loss_cfg = dataclasses.replace(task.loss_cfg, logits_interval=None)
+
   def step(params, x0_BL, key, intervals_I2):
     apply_fn = task.apply_fn(params)
     def one(interval):
-      _, aux = diffusion.nelbo(apply_fn, x0_BL, key, task.loss_cfg, train=False, interval=interval)
+      _, aux = diffusion.nelbo(apply_fn, x0_BL, key, loss_cfg, train=False, interval=interval)
       return aux["block_nelbo"]
     return jax.lax.map(one, intervals_I2, batch_size=chunk)
   if params_sharding is None:

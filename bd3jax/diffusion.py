@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from bd3jax import schedules
 from bd3jax.masks import AttentionMask, MaskKind
+from bd3jax.model.layer_ops import linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,10 @@ class LossConfig:
   clip_max: float = 1.0
   resample: bool = True
   antithetic: bool = True
+  # None: the network projects every x_t token to logits. (lo, hi): only the masked ones
+  # (`masked_log_prob_head`), as many per pair of rows as t drawn from [lo, hi] makes likely:
+  # the highest interval an `interval` passed to `nelbo` may hold (higher ones cost time).
+  logits_interval: tuple[float, float] | None = None
 
   @property
   def n_blocks(self) -> int:
@@ -111,10 +116,79 @@ def diffusion_logits(apply_fn: Callable, xt_BL, x0_BL, sigma_B, cfg: LossConfig,
                   AttentionMask(MaskKind.TRAINING, cfg.length, cfg.block_size), **kwargs)
 
 
+def masked_capacity(cfg: LossConfig, batch: int, interval_given: bool) -> int | None:
+  """Tokens per pair of rows that `nelbo` projects to logits, or None for all of them: with
+  `cfg.logits_interval` set, antithetic t, an even batch and not full masking."""
+  if (cfg.algo != "bd3lm" or cfg.logits_interval is None or cfg.full_masking
+      or not cfg.antithetic or batch % 2):
+    return None
+  lo, hi = cfg.logits_interval if interval_given else (cfg.clip_min, cfg.clip_max)
+  capacity = schedules.pair_capacity(batch, cfg.n_blocks, cfg.block_size, cfg.schedule, lo, hi,
+                                     cfg.resample)
+  return capacity if capacity < 2 * cfg.length else None
+
+
+def _rows_log_prob(x_GND, kernel_DV, bias_V, rows_GR, target_GN, masked_GN, mask_id):
+  """SUBS log-probs of the tokens at `rows_GR` (positions within each group), 0 where unmasked."""
+  take = lambda a: jnp.take_along_axis(a, rows_GR.reshape(rows_GR.shape + (1,) * (a.ndim - 2)), 1)
+  logits_GRV = linear(take(x_GND), kernel_DV, bias_V)
+  return jnp.where(take(masked_GN), target_log_prob(logits_GRV, take(target_GN), mask_id), 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _only_if(fn: Callable, pred, diff_args, data_args):
+  """fn(*diff_args, *data_args) if pred, else its zeros; for a path rarely taken, so its
+  backward pass recomputes fn rather than keeping anything of it."""
+  run = lambda d: fn(*d, *data_args)
+  skip = lambda d: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(run, d))
+  return jax.lax.cond(pred, run, skip, diff_args)
+
+
+def _only_if_fwd(fn, pred, diff_args, data_args):
+  return _only_if(fn, pred, diff_args, data_args), (pred, diff_args, data_args)
+
+
+def _only_if_bwd(fn, residuals, g):
+  pred, diff_args, data_args = residuals
+  grads = lambda d: jax.vjp(lambda *a: fn(*a, *data_args), *d)[1](g)
+  zeros = lambda d: tuple(jnp.zeros_like(a) for a in d)
+  return None, jax.lax.cond(pred, grads, zeros, diff_args), None
+
+
+_only_if.defvjp(_only_if_fwd, _only_if_bwd)
+
+
+def masked_log_prob_head(x0_BL, masked_BL, mask_id: int, capacity: int):
+  """A head for the network (`DiT(..., head=)`) that gives `subs_log_prob` [B, L], projecting
+  only masked tokens to logits.
+
+  Rows pair up as (2i, 2i+1), which antithetic t balances (`schedules.folded_rows`). Each pair
+  projects its first `capacity` tokens in masked-first order; only if some pair masks more
+  than that (rare, `schedules.pair_capacity`) are the rest projected too, on a path whose
+  backward pass recomputes its logits. Equal to the full logits' log-probs up to matmul rounding.
+  """
+  batch, length = x0_BL.shape
+  pairs = lambda a: a.reshape(batch // 2, 2 * length, *a.shape[2:])
+  masked_GN, target_GN = pairs(masked_BL), pairs(x0_BL)
+  order_GN = jnp.argsort(~masked_GN, axis=1, stable=True)
+  place_GN = jnp.argsort(order_GN, axis=1)
+  overflow = masked_GN.sum(1).max() > capacity
+  log_prob = functools.partial(_rows_log_prob, mask_id=mask_id)
+
+  def head(x_BLD, kernel_DV, bias_V):
+    inputs = (pairs(x_BLD), kernel_DV, bias_V)
+    first_GC = log_prob(*inputs, order_GN[:, :capacity], target_GN, masked_GN)
+    rest_GR = _only_if(log_prob, overflow, inputs, (order_GN[:, capacity:], target_GN, masked_GN))
+    by_place_GN = jnp.concatenate([first_GC, rest_GR], axis=1)
+    return jnp.take_along_axis(by_place_GN, place_GN, axis=1).reshape(batch, length)
+  return head
+
+
 def nelbo(apply_fn: Callable, x0_BL, key, cfg: LossConfig, train: bool = True, interval=None):
   """The loss and its per-token and per-block parts.
 
-  `apply_fn(tokens, sigma, mask, **kwargs) -> logits` runs the network (`train`: dropout on);
+  `apply_fn(tokens, sigma, mask, **kwargs) -> logits` runs the network (`train`: dropout on;
+  `head`: see `masked_log_prob_head`, passed when `masked_capacity` is not None);
   `interval` as in `forward_process`. Returns
   (loss, aux) with aux["token_loss"] [B, L] and aux["block_nelbo"] [B, n_blocks] (the
   loss averaged within each block, whose variance the clipped-schedule search minimises).
@@ -131,9 +205,16 @@ def nelbo(apply_fn: Callable, x0_BL, key, cfg: LossConfig, train: bool = True, i
     with jax.named_scope("masking"):
       xt_BL, masked_BL, p_BL, w_BL = forward_process(key, x0_BL, cfg, interval)
       sigma_B = -jnp.log1p(-jnp.minimum(p_BL[:, 0], 1.0 - 1e-6))
-    logits_BLV = diffusion_logits(apply_fn, xt_BL, x0_BL, sigma_B, cfg, **kwargs)
+    capacity = masked_capacity(cfg, x0_BL.shape[0], interval is not None)
+    if capacity is None:
+      logits_BLV = diffusion_logits(apply_fn, xt_BL, x0_BL, sigma_B, cfg, **kwargs)
+      with jax.named_scope("loss"):
+        log_p_BL = subs_log_prob(logits_BLV, x0_BL, masked_BL, cfg.mask_id)
+    else:
+      head = masked_log_prob_head(x0_BL, masked_BL, cfg.mask_id, capacity)
+      log_p_BL = diffusion_logits(apply_fn, xt_BL, x0_BL, sigma_B, cfg, head=head, **kwargs)
     with jax.named_scope("loss"):
-      token_loss_BL = -w_BL * subs_log_prob(logits_BLV, x0_BL, masked_BL, cfg.mask_id)
+      token_loss_BL = -w_BL * log_p_BL
       loss = token_loss_BL.mean()
   block_nelbo_BN = token_loss_BL.reshape(x0_BL.shape[0], -1, cfg.block_size).mean(-1)
   return loss, {"token_loss": token_loss_BL, "block_nelbo": block_nelbo_BN}

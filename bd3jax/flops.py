@@ -3,13 +3,14 @@
 Convention: matmul FLOPs only (2 per multiply-add) of the trunk over every token it runs
 (2L for block diffusion, L for MDLM's single block, L - 1 for AR; in block diffusion's last
 layer only the x_t half past the q, k, v projection), attention scores and values over the
-visible (query, key) pairs, the output projection on the x_t half only, and x3 for the
-backward pass. Embedding lookups, norms, adaLN and softmax are not counted.
+visible (query, key) pairs, the output projection on the x_t half only (given the batch, on
+the tokens the loss projects: `diffusion.masked_capacity`), and x3 for the backward pass.
+Embedding lookups, norms, adaLN and softmax are not counted.
 """
 
 import jax
 
-from bd3jax.diffusion import LossConfig
+from bd3jax.diffusion import LossConfig, masked_capacity
 from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model import ModelConfig
 
@@ -30,11 +31,15 @@ def training_mask_spec(loss_cfg: LossConfig) -> AttentionMask:
   return AttentionMask(MaskKind.TRAINING, loss_cfg.length, loss_cfg.block_size)
 
 
-def train_flops_per_sequence(model: ModelConfig, loss_cfg: LossConfig) -> float:
-  """Forward + backward model FLOPs for one L-token training sequence."""
+def train_flops_per_sequence(model: ModelConfig, loss_cfg: LossConfig,
+                             batch: int | None = None) -> float:
+  """Forward + backward model FLOPs for one L-token training sequence; `batch`: the sequences
+  per loss evaluation (the micro-batch), which sets how many tokens the loss projects."""
   mask = training_mask_spec(loss_cfg)
   t, d = mask.num_tokens, model.d_model
   outputs = loss_cfg.length - 1 if loss_cfg.algo == "ar" else loss_cfg.length
+  capacity = None if batch is None else masked_capacity(loss_cfg, batch, interval_given=True)
+  projected = outputs if capacity is None else capacity / 2
 
   def layer(queries: int) -> float:  # a block whose first `queries` tokens go on past q, k, v
     qkv = 2 * 3 * d * d * t
@@ -43,7 +48,7 @@ def train_flops_per_sequence(model: ModelConfig, loss_cfg: LossConfig) -> float:
 
   last = outputs if mask.kind is MaskKind.TRAINING else t
   trunk = (model.n_layers - 1) * layer(t) + layer(last)
-  return 3.0 * (trunk + 2 * outputs * d * model.vocab_size)
+  return 3.0 * (trunk + 2 * projected * d * model.vocab_size)
 
 
 def peak_flops_per_device() -> float | None:

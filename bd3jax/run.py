@@ -170,7 +170,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     grid_I2 = clip_search.interval_grid(config.block_size, n.search_widths)
   lr_at = train.learning_rate_schedule(config)
   tokens_per_step = t.batch_size * config.length
-  flops_per_step = flops.train_flops_per_sequence(task.model.cfg, task.loss_cfg) * t.batch_size
+  flops_per_step = flops.train_flops_per_sequence(
+      task.model.cfg, task.loss_cfg, t.batch_size // t.grad_accum) * t.batch_size
   peak = flops.peak_flops_per_device()
   is_main = jax.process_index() == 0
   writer = metrics.MetricWriter(workdir, enabled=is_main)

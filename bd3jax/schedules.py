@@ -52,19 +52,33 @@ def move_chance_and_weight(t, schedule: str):
   return SCHEDULES[schedule](t)
 
 
+def folded_rows(batch: int) -> np.ndarray:
+  """int [batch]: the stratum group of each row, 0, B-1, 1, B-2, ...: row 2i takes the i-th
+  lowest group of t, row 2i+1 the i-th highest, so each pair of rows (2i, 2i+1) masks about as
+  many tokens as any other pair (what `diffusion` sizes its logits for)."""
+  rows = np.arange(batch)
+  return np.where(rows % 2 == 0, rows // 2, batch - 1 - rows // 2)
+
+
+def _strata(batch: int, n_blocks: int) -> np.ndarray:
+  """int [batch, n_blocks]: the stratum of t each (row, block) draws from under antithetic t."""
+  return folded_rows(batch)[:, None] * n_blocks + np.arange(n_blocks)
+
+
 def sample_t(key, batch: int, n_blocks: int, clip_min: float, clip_max: float,
              antithetic: bool = True):
   """One t per (sequence, block), [batch, n_blocks], in [clip_min, clip_max].
 
   Low-discrepancy (antithetic) draws as in the reference: with N = batch * n_blocks,
-  t_k = (u_k / N + k / N) mod 1, one point in each of the N strata, then rescaled to
-  the clipped range. clip_min = clip_max = 1 is full masking (t = 1 everywhere).
+  t_k = (u_k / N + k / N) mod 1, one point in each of the N strata, each row's n_blocks
+  consecutive strata a group, then rescaled to the clipped range. The reference gives row b
+  group b; here the groups go to the rows in `folded_rows` order, which the loss's law does not
+  see (the rows are exchangeable). clip_min = clip_max = 1 is full masking (t = 1 everywhere).
   """
   u_BN = jax.random.uniform(key, (batch, n_blocks))
   if antithetic:
     n = batch * n_blocks
-    offset_BN = (jnp.arange(n, dtype=jnp.float32) / n).reshape(batch, n_blocks)
-    u_BN = (u_BN / n + offset_BN) % 1.0
+    u_BN = (u_BN / n + jnp.asarray(_strata(batch, n_blocks), jnp.float32) / n) % 1.0
   return clip_min + (clip_max - clip_min) * u_BN
 
 
@@ -119,3 +133,32 @@ def sample_masked(key, p_BN, block_size: int, clip_min=0.0, clip_max=1.0, resamp
   rank_BNL = jnp.argsort(jnp.argsort(u_BNL, axis=-1), axis=-1)
   resampled_BL = (rank_BNL < count_BN[..., None]).reshape(batch, -1)
   return resampled_BL if static else jnp.where(ok_K.all(), iid_BL, resampled_BL)
+
+
+CAPACITY_STDS = 5.0  # a pair's masked count exceeds its capacity with chance ~3e-7
+
+
+def pair_capacity(batch: int, n_blocks: int, block_size: int, schedule: str, clip_min: float,
+                  clip_max: float, resample: bool) -> int:
+  """How many tokens each pair of rows (2i, 2i+1) masks at most, but rarely: over the pairs,
+  the largest expected count plus CAPACITY_STDS standard deviations, under antithetic t (in
+  `folded_rows` order, masked as `sample_masked` masks). Each block's t is taken at the top of
+  its stratum, where the move chance and so the count are largest. `batch` must be even."""
+  if batch % 2:
+    raise ValueError(f"pairs of rows need an even batch, got {batch}")
+  top_BN = (_strata(batch, n_blocks) + 1) / (batch * n_blocks)
+  with jax.ensure_compile_time_eval():
+    t_BN = jnp.asarray(clip_min + (clip_max - clip_min) * top_BN, jnp.float32)
+    log_pmf_BNK = np.asarray(_binomial_log_pmf(block_size, move_chance_and_weight(
+        t_BN, schedule)[0]), np.float64)
+  if resample:
+    log_pmf_BNK = np.where(valid_masked_counts(block_size, clip_min, clip_max), log_pmf_BNK,
+                           -np.inf)
+  pmf_BNK = np.exp(log_pmf_BNK - log_pmf_BNK.max(-1, keepdims=True))
+  pmf_BNK /= pmf_BNK.sum(-1, keepdims=True)
+  k = np.arange(block_size + 1)
+  mean_BN = pmf_BNK @ k
+  var_BN = pmf_BNK @ np.square(k) - np.square(mean_BN)
+  pair = lambda a_BN: a_BN.reshape(batch // 2, -1).sum(1)
+  bound = pair(mean_BN) + CAPACITY_STDS * np.sqrt(np.maximum(pair(var_BN), 0.0))
+  return int(min(np.ceil(bound.max()), 2 * n_blocks * block_size))

@@ -68,12 +68,13 @@ class Task:
     return self.model.init(key, jnp.zeros((1, mask.num_tokens), jnp.int32), None, mask)
 
   def apply_fn(self, params, dropout_key=None):
-    """`fn(tokens, sigma, mask, train) -> logits` over the given parameters."""
+    """`fn(tokens, sigma, mask, train, head=None) -> logits` over the given parameters."""
     if self.compute_sharding is not None:
       params = jax.lax.with_sharding_constraint(params, self.compute_sharding)
-    def fn(tokens, sigma, mask, train):
+    def fn(tokens, sigma, mask, train, head=None):
       rngs = {"dropout": dropout_key} if train else {}
-      return self.model.apply({"params": params}, tokens, sigma, mask, train=train, rngs=rngs)
+      return self.model.apply({"params": params}, tokens, sigma, mask, train=train, head=head,
+                              rngs=rngs)
     return fn
 
 

@@ -103,7 +103,8 @@ def flop_convention() -> str:
 
 def throughput(task, batch_size: int, step_s: float) -> dict:
   """Model TFLOP/s and MFU (against one device's dense bf16 peak) of a train step."""
-  per_step = flops.train_flops_per_sequence(task.model.cfg, task.loss_cfg) * batch_size
+  per_step = flops.train_flops_per_sequence(
+      task.model.cfg, task.loss_cfg, batch_size // task.grad_accum) * batch_size
   achieved = per_step / step_s
   peak = flops.peak_flops_per_device()
   return {"model_tflop_per_step": per_step / 1e12, "model_tflops_per_s": achieved / 1e12,

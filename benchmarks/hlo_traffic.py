@@ -14,7 +14,9 @@ Prints one JSON line: per kind of kernel and per part of the step (trace_summary
 kernel's op metadata; GEMMs and Pallas kernels apart) the kernel count and GB moved. A kernel
 moves its operands' bytes plus its results'; a fusion operand read only through slices counts
 the slices. Operands read in part otherwise (gathers, broadcasts in a loop) count whole, so
-the figures are upper bounds of what each kernel must move.
+the figures are upper bounds of what each kernel must move. A conditional counts as one kernel
+reading its operands and writing its results; the kernels of its branches (the loss's rarely
+taken path, `diffusion.masked_log_prob_head`) are not counted.
 """
 
 import collections

@@ -12,12 +12,14 @@ def sub_jaxprs(eqn):
         yield sub
 
 
-def equations(jaxpr):
-  """Every equation of `jaxpr` and of the jaxprs nested in its equations (loops, calls)."""
+def equations(jaxpr, branches: bool = True):
+  """Every equation of `jaxpr` and of the jaxprs nested in its equations (loops, calls; the
+  branches of a cond unless `branches` is False)."""
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in sub_jaxprs(eqn):
-      yield from equations(sub)
+    if branches or eqn.primitive.name != "cond":
+      for sub in sub_jaxprs(eqn):
+        yield from equations(sub, branches)
 
 
 def is_loop_or_branch(eqn) -> bool:

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import jax_helpers
 from conftest import MASK_ID, VOCAB, apply_fn, random_params, random_tokens, tiny_model
 
 from bd3jax import diffusion
@@ -152,3 +153,69 @@ def test_loss_compiles_once_and_decreases(rng):
     losses.append(float(loss))
   assert len(traces) == 1
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+def _nelbo_and_grads(cfg, model, params, x0, interval=None):
+  def loss_fn(p):
+    fn = lambda t, s, m, train, head=None: model.apply({"params": p}, t, s, m, train=train,
+                                                       head=head)
+    return diffusion.nelbo(fn, x0, jax.random.key(7), cfg, train=False, interval=interval)
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+
+@pytest.mark.parametrize("length,block_size,dtype", [
+    (32, 1, "float32"), (32, 4, "float32"), (64, 16, "float32"), (32, 32, "float32"),
+    (32, 4, "bfloat16")])
+def test_logits_at_masked_tokens_only_give_the_full_losses(rng, length, block_size, dtype):
+  """The head that projects only masked tokens: the same loss, per-token losses and gradients as
+  the logits of every token, for block sizes 1, 4, 16 and L, with and without a pair whose
+  masked tokens overflow the capacity (t drawn above the interval it is sized for)."""
+  model = tiny_model(dtype=dtype)
+  full = LossConfig("bd3lm", length, block_size, MASK_ID)
+  x0 = random_tokens(rng, 6, length)
+  tokens = x0 if block_size == length else jnp.concatenate([x0, x0], 1)
+  params = random_params(model, tokens, flops_mask(full))
+  masked = LossConfig("bd3lm", length, block_size, MASK_ID, logits_interval=(1e-3, 0.3))
+  for interval in (jnp.array([1e-3, 0.3]), jnp.array([0.6, 1.0])):
+    capacity = diffusion.masked_capacity(masked, 6, interval_given=True)
+    assert capacity is not None and capacity < length
+    (loss, aux), grads = _nelbo_and_grads(masked, model, params, x0, interval)
+    (loss_ref, aux_ref), grads_ref = _nelbo_and_grads(full, model, params, x0, interval)
+    tol = 2e-2 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(loss, loss_ref, rtol=tol)
+    np.testing.assert_allclose(aux["token_loss"], aux_ref["token_loss"], rtol=tol, atol=tol)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+      np.testing.assert_allclose(g, g_ref, rtol=tol, atol=tol * 1e-1)
+
+
+def flops_mask(cfg):
+  if cfg.n_blocks == 1:
+    return AttentionMask(MaskKind.FULL, cfg.length, cfg.length)
+  return AttentionMask(MaskKind.TRAINING, cfg.length, cfg.block_size)
+
+
+def test_masked_head_projects_capacity_rows_per_pair(rng):
+  """The network's output matmul runs on [B / 2, capacity, D] rows, outside any branch; the
+  [B, L, V] logits are never formed."""
+  length, block_size, batch = 32, 4, 4
+  cfg = LossConfig("bd3lm", length, block_size, MASK_ID, logits_interval=(1e-3, 1.0))
+  model = tiny_model()
+  x0 = random_tokens(rng, batch, length)
+  params = random_params(model, jnp.concatenate([x0, x0], 1), flops_mask(cfg))
+  fn = lambda t, s, m, train, head=None: model.apply({"params": params}, t, s, m, train=train,
+                                                     head=head)
+  jaxpr = jax.make_jaxpr(lambda x: diffusion.nelbo(fn, x, jax.random.key(0), cfg, False))(x0)
+  capacity = diffusion.masked_capacity(cfg, batch, interval_given=False)
+  vocab_outputs = [e.outvars[0].aval.shape for e in jax_helpers.equations(jaxpr.jaxpr, False)
+                   if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == VOCAB]
+  assert vocab_outputs == [(batch // 2, capacity, VOCAB)]
+
+
+@pytest.mark.parametrize("change,expected", [
+    (dict(logits_interval=None), None), (dict(clip_min=1.0, clip_max=1.0), None),
+    (dict(antithetic=False), None), (dict(), "capacity")])
+def test_masked_capacity_applies_only_where_pairs_balance(change, expected):
+  cfg = LossConfig("bd3lm", 64, 4, MASK_ID, **{"logits_interval": (1e-3, 1.0), **change})
+  capacity = diffusion.masked_capacity(cfg, 8, interval_given=False)
+  assert (capacity is None) == (expected is None)
+  assert diffusion.masked_capacity(cfg, 7, interval_given=False) is None  # odd batch: no pairs

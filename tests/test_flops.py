@@ -7,14 +7,14 @@ import pytest
 import jax_helpers
 from conftest import tiny_model
 
-from bd3jax import flops
+from bd3jax import diffusion, flops
 from bd3jax.diffusion import LossConfig
 
 
 def dot_flops(fn, *args) -> int:
-  """2 x the multiply-adds of every dot_general that `fn` runs."""
+  """2 x the multiply-adds of every dot_general that `fn` runs (outside cond branches)."""
   total = 0
-  for eqn in jax_helpers.equations(jax.make_jaxpr(fn)(*args).jaxpr):
+  for eqn in jax_helpers.equations(jax.make_jaxpr(fn)(*args).jaxpr, branches=False):
     if eqn.primitive.name == "dot_general":
       (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
       lhs_shape = eqn.invars[0].aval.shape
@@ -43,3 +43,25 @@ def test_train_flops_count_the_networks_matmuls(algo, length, block_size, querie
   hidden_pairs = (layers - 1) * hidden_TT.sum() + hidden_TT[:queries_last].sum()
   expected = flops.train_flops_per_sequence(model.cfg, loss_cfg) / 3 + 4 * d * hidden_pairs
   assert counted == expected
+
+
+def test_train_flops_count_the_tokens_the_loss_projects():
+  """Given the batch, the output projection counts `masked_capacity` tokens per pair of rows:
+  the loss's forward matmuls (but the rarely taken branch's) equal the formula."""
+  model = tiny_model(n_layers=3, adaln=False)
+  batch, loss_cfg = 4, LossConfig("bd3lm", 16, 4, mask_id=0, logits_interval=(1e-3, 1.0))
+  mask = flops.training_mask_spec(loss_cfg)
+  x0 = jnp.ones((batch, loss_cfg.length), jnp.int32)
+  params = model.init(jax.random.key(0), jnp.zeros((1, mask.num_tokens), jnp.int32), None,
+                      mask)["params"]
+
+  def loss(p):
+    fn = lambda t, s, m, train, head=None: model.apply({"params": p}, t, s, m, head=head)
+    return diffusion.nelbo(fn, x0, jax.random.key(0), loss_cfg, False, jnp.array([1e-3, 1.0]))[0]
+  counted = dot_flops(loss, params)
+
+  hidden_TT = ~mask.dense()
+  hidden_pairs = (model.cfg.n_layers - 1) * hidden_TT.sum() + hidden_TT[:loss_cfg.length].sum()
+  per_sequence = flops.train_flops_per_sequence(model.cfg, loss_cfg, batch)
+  assert per_sequence < flops.train_flops_per_sequence(model.cfg, loss_cfg)
+  assert counted == batch * (per_sequence / 3 + 4 * model.cfg.d_model * hidden_pairs)

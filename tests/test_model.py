@@ -8,7 +8,7 @@ from conftest import MASK_ID, apply_fn, random_params, random_tokens, tiny_model
 from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model import DiT, ModelConfig, dense_attention
 from bd3jax.model.attention import attention
-from bd3jax.model.transformer import timestep_embedding
+from bd3jax.model.transformer import DecodeAt, timestep_embedding
 
 
 def count(tree):
@@ -152,3 +152,25 @@ def test_unknown_attention_implementation(rng):
   with pytest.raises(ValueError, match="model.attention"):
     attention(q, q, q, mask, "flash")
   assert dense_attention(q, q, q, mask.dense()).shape == q.shape
+
+
+def test_a_head_replaces_the_output_projection(rng):
+  """`head` gets the final LayerNorm's rows and the projection's kernel and bias in the compute
+  dtype, and its result is returned; with a decode `select`, a second head is refused."""
+  L = 8
+  model = tiny_model(dtype="bfloat16")
+  mask = AttentionMask(MaskKind.TRAINING, L, 4)
+  x = random_tokens(rng, 2, 2 * L)
+  params = random_params(model, x, mask)
+  logits = model.apply({"params": params}, x, None, mask)
+  seen = []
+
+  def head(x_BTD, kernel_DV, bias_V):
+    seen.append((x_BTD.shape, x_BTD.dtype, kernel_DV.dtype, bias_V.shape))
+    return (x_BTD @ kernel_DV + bias_V)[:, ::2]
+  picked = model.apply({"params": params}, x, None, mask, head=head)
+  assert seen == [((2, L, 32), jnp.bfloat16, jnp.bfloat16, (MASK_ID + 1,))]
+  np.testing.assert_array_equal(picked, logits[:, ::2])
+  with pytest.raises(ValueError, match="pass one"):
+    model.apply({"params": params}, x[:, :4], None, DecodeAt(0, jnp.zeros(2, jnp.int32)),
+                head=head)

@@ -72,3 +72,49 @@ def test_resampling_matches_the_reference_rejection_loop():
 def test_no_valid_count_is_detected():
   assert not schedules.has_valid_masked_count(1, 0.3, 0.8)
   assert schedules.has_valid_masked_count(4, 0.45, 0.95)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 16])
+def test_folded_rows_pair_low_and_high_strata(batch):
+  rows = schedules.folded_rows(batch)
+  np.testing.assert_array_equal(np.sort(rows), np.arange(batch))  # a permutation
+  pairs = rows[: batch // 2 * 2].reshape(-1, 2).sum(1)
+  np.testing.assert_array_equal(pairs, batch - 1)  # each pair: group i and group B - 1 - i
+
+
+def test_antithetic_t_balances_pairs_of_rows():
+  t = np.asarray(schedules.sample_t(jax.random.key(6), 16, 64, 0.0, 1.0))
+  pair_means = t.reshape(8, 2 * 64).mean(1)
+  np.testing.assert_allclose(pair_means, 0.5, atol=1.0 / 16)
+  row_means = t.mean(1)
+  assert row_means.max() - row_means.min() > 0.9  # rows alone keep the reference's spread
+
+
+@pytest.mark.parametrize("batch,n_blocks,block_size,schedule,lo,hi,resample", [
+    (16, 64, 16, "loglinear", 1e-3, 1.0, True), (16, 32, 16, "loglinear", 0.3, 0.8, True),
+    (8, 16, 4, "cosine", 0.45, 0.95, True), (4, 1, 64, "loglinear", 1e-3, 1.0, False),
+    (6, 8, 8, "square", 1e-3, 1.0, False)])
+def test_pair_capacity_sits_five_stds_above_the_pairs_counts(batch, n_blocks, block_size,
+                                                            schedule, lo, hi, resample):
+  """Against masks drawn as training draws them: no pair over the capacity in 400 draws, and
+  the capacity between 4 and 6.5 empirical standard deviations above the mean of the pair it
+  is closest to."""
+  capacity = schedules.pair_capacity(batch, n_blocks, block_size, schedule, lo, hi, resample)
+
+  @jax.jit
+  @jax.vmap
+  def pair_counts(key):
+    key_t, key_mask = jax.random.split(key)
+    t = schedules.sample_t(key_t, batch, n_blocks, lo, hi)
+    p, _ = schedules.move_chance_and_weight(t, schedule)
+    masked = schedules.sample_masked(key_mask, p, block_size, lo, hi, resample=resample)
+    return masked.reshape(batch // 2, -1).sum(1)
+  counts = np.asarray(pair_counts(jax.random.split(jax.random.key(8), 400)))
+  assert counts.max() <= capacity < 2 * n_blocks * block_size
+  stds = (capacity - counts.mean(0)) / counts.std(0)  # per pair; the tightest sets the capacity
+  assert 4.0 < stds.min() < 6.5
+
+
+def test_pair_capacity_needs_an_even_batch():
+  with pytest.raises(ValueError, match="even batch"):
+    schedules.pair_capacity(3, 4, 4, "loglinear", 1e-3, 1.0, True)

@@ -102,7 +102,8 @@ class DecodeAt:
   into its "cache" collection at ring slots (start + i) mod S, then the tokens attend to every
   slot that holds one of the last min(start + T, S) positions: the cached prefix and the tokens
   themselves, bidirectionally. `start` may be traced; (start mod S) + T must not exceed S.
-  With `select` ([B] indices), only token select[b] of each row is projected to logits.
+  With `select` ([B] indices), only token select[b] of each row is projected to logits
+  (`selected_rows_head`).
   """
   start: jax.Array | int
   select: jax.Array | None = None
@@ -210,11 +211,17 @@ class Block(nn.Module):
     return cache_attention(q_BTHK, k_BHSK, v_BHSK, start + q_BTHK.shape[1], self.cfg.attention)
 
 
+def selected_rows_head(select_B):
+  """A head (see `DiT`) projecting token select_B[b] of each row b: logits [B, 1, V]."""
+  return lambda x_BTD, kernel_DV, bias_V: linear(
+      jnp.take_along_axis(x_BTD, select_B[:, None, None], axis=1), kernel_DV, bias_V)
+
+
 class FinalLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, c_BC, center_BT1=None):
+  def __call__(self, x_BTD, c_BC, center_BT1=None, head=None):
     cfg = self.cfg
     shift = scale = None
     if cfg.adaln:
@@ -222,23 +229,23 @@ class FinalLayer(nn.Module):
                        dtype=jnp.float32, name="adaLN_modulation")(c_BC)
       shift, scale = jnp.split(mod_B2D[:, None, :], 2, axis=-1)
     x_BTD, _ = LayerNorm(name="norm_final")(x_BTD, shift, scale, center_BT1)
-    return OutputLinear(cfg, name="linear")(x_BTD).astype(jnp.float32)
+    return OutputLinear(cfg, name="linear")(x_BTD, head).astype(jnp.float32)
 
 
 class OutputLinear(nn.Module):
   """The logits' projection: `nn.Dense`'s parameters (zero-initialized) and values, run in
-  `cfg.dtype` through `layer_ops.linear`."""
+  `cfg.dtype` through `layer_ops.linear`, or through `head` (see `DiT`)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, head=None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     zeros = nn.initializers.zeros_init()
     kernel_DV = self.param("kernel", nn.with_logical_partitioning(zeros, ("embed", "vocab")),
                            (cfg.d_model, cfg.vocab_size), jnp.float32)
     bias_V = self.param("bias", nn.with_logical_partitioning(zeros, ("vocab",)),
                         (cfg.vocab_size,), jnp.float32)
-    return linear(x_BTD.astype(dtype), kernel_DV.astype(dtype), bias_V.astype(dtype))
+    return (head or linear)(x_BTD.astype(dtype), kernel_DV.astype(dtype), bias_V.astype(dtype))
 
 
 def positions_for(mask: AttentionMask):
@@ -254,17 +261,24 @@ class DiT(nn.Module):
 
   `sigma_B` is the noise level per sequence, used only with time conditioning (None: zeros).
   With a `DecodeAt` in place of the mask it decodes against the "cache" collection (`decode`).
+  `head(x, kernel, bias)`, if given, replaces the output projection and its result is
+  returned: it gets the final LayerNorm's output [B, T, D] and the projection's kernel [D, V]
+  and bias [V], all in `cfg.dtype` (e.g. `diffusion.masked_log_prob_head`).
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT, sigma_B, mask: AttentionMask | DecodeAt,
-               train: bool = False):
+               train: bool = False, head=None):
     cfg = self.cfg
     decoding = isinstance(mask, DecodeAt)
     if not decoding and tokens_BT.shape[1] != mask.num_tokens:
       raise ValueError(f"{tokens_BT.shape[1]} tokens given for a {mask.kind.value} mask of "
                        f"{mask.num_tokens} tokens")
+    if decoding and mask.select is not None:
+      if head is not None:
+        raise ValueError("DecodeAt.select and head both replace the output projection; pass one")
+      head = selected_rows_head(mask.select)
     embedding_VD = self.param(  # kaiming_uniform(a=sqrt(5)) on [V, d]: U(+-1/sqrt(d))
         "vocab_embed", nn.with_logical_partitioning(_torch_linear_init(cfg.d_model), ("vocab", "embed")),
         (cfg.vocab_size, cfg.d_model), jnp.float32)
@@ -285,10 +299,7 @@ class DiT(nn.Module):
       keep = mask.seq_len if x_t_only and i == cfg.n_layers - 1 else None
       x_BTD, center_BT1 = Block(cfg, name=f"blocks_{i}")(x_BTD, c_BC, rope, mask, train, keep,
                                                           center_BT1)
-    if decoding and mask.select is not None:
-      x_BTD = jnp.take_along_axis(x_BTD, mask.select[:, None, None], axis=1)
-      center_BT1 = jnp.take_along_axis(center_BT1, mask.select[:, None, None], axis=1)
-    return FinalLayer(cfg, name="output_layer")(x_BTD, c_BC, center_BT1)
+    return FinalLayer(cfg, name="output_layer")(x_BTD, c_BC, center_BT1, head)
 
   def decode(self, tokens_BT, sigma_B, start, select_B=None):
     """Logits [B, T, V] of T tokens at absolute positions start.. (see `DecodeAt`); with
