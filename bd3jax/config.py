@@ -82,17 +82,12 @@ def model_config(config, vocab_size: int) -> ModelConfig:
 
 
 def loss_config(config, mask_id: int) -> LossConfig:
-  """The loss, with logits only at masked tokens, sized for the highest interval training may
-  draw t from: the configured one, or with the interval search on, up to its grid's highest
-  (lower end 1 - the narrowest width, upper end 1)."""
+  """The loss, with logits only at masked tokens, sized for t in the configured interval."""
   n = config.noise
-  logits_interval = (n.clip_min, n.clip_max)
-  if n.search_every:
-    logits_interval = (max(n.clip_min, 1.0 - min(n.search_widths)), 1.0)
   return LossConfig(
       algo=config.algo, length=config.length, block_size=config.block_size, mask_id=mask_id,
       schedule=n.schedule, clip_min=n.clip_min, clip_max=n.clip_max, resample=n.resample,
-      antithetic=n.antithetic, logits_interval=logits_interval)
+      antithetic=n.antithetic, logits_interval=(n.clip_min, n.clip_max))
 
 
 def validate_tokens(tokens: np.ndarray, vocab_size: int, mask_id: int) -> None:

@@ -32,8 +32,9 @@ class LossConfig:
   resample: bool = True
   antithetic: bool = True
   # None: the network projects every x_t token to logits. (lo, hi): only the masked ones
-  # (`masked_log_prob_head`), as many per pair of rows as t drawn from [lo, hi] makes likely:
-  # the highest interval an `interval` passed to `nelbo` may hold (higher ones cost time).
+  # (`masked_log_prob_head`), as many per pair of rows as t drawn from [lo, hi] makes likely;
+  # an `interval` passed to `nelbo` beyond it costs time (the training loop keeps it at the
+  # train state's interval).
   logits_interval: tuple[float, float] | None = None
 
   @property

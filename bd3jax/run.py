@@ -162,7 +162,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
   s = setup(config, workdir, ckpt)
   task, state, tok = s.task, s.state, s.data.tokenizer
-  step_fn = train.jit_train_step(task, parallel.shardings(state), s.batch_sharding)
+  step_fns = {}
+
+  def step_fn_for(interval_2):
+    """(train step, model FLOPs per step) with the loss's logits sized for t drawn from
+    `interval_2`, the state's noise interval (which the search moves); compiled once each."""
+    key = tuple(float(v) for v in np.asarray(jax.device_get(interval_2), np.float32))
+    if key not in step_fns:
+      sized = dataclasses.replace(task, loss_cfg=dataclasses.replace(task.loss_cfg,
+                                                                     logits_interval=key))
+      step_fns[key] = (
+          train.jit_train_step(sized, parallel.shardings(state), s.batch_sharding),
+          flops.train_flops_per_sequence(sized.model.cfg, sized.loss_cfg,
+                                         t.batch_size // t.grad_accum) * t.batch_size)
+    return step_fns[key]
+
+  step_fn, flops_per_step = step_fn_for(state.noise_interval)
   eval_step = _eval_step_fn(s, config)
   n = config.noise
   if n.search_every:
@@ -170,8 +185,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     grid_I2 = clip_search.interval_grid(config.block_size, n.search_widths)
   lr_at = train.learning_rate_schedule(config)
   tokens_per_step = t.batch_size * config.length
-  flops_per_step = flops.train_flops_per_sequence(
-      task.model.cfg, task.loss_cfg, t.batch_size // t.grad_accum) * t.batch_size
   peak = flops.peak_flops_per_device()
   is_main = jax.process_index() == 0
   writer = metrics.MetricWriter(workdir, enabled=is_main)
@@ -188,7 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def tune_noise(step):
     """Moves training to the interval whose block NELBO varies least (clip_search)."""
-    nonlocal state
+    nonlocal state, step_fn, flops_per_step
     current = np.asarray(jax.device_get(state.noise_interval), np.float32)
     intervals_I2 = np.concatenate([current[None], grid_I2])
     var_I = clip_search.block_nelbo_variance(
@@ -198,6 +211,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if var_I[best] < var_I[0]:
       state = state.replace(noise_interval=jax.device_put(intervals_I2[best],
                                                           state.noise_interval.sharding))
+      step_fn, flops_per_step = step_fn_for(state.noise_interval)
     else:
       best = 0
     lo, hi = (float(v) for v in intervals_I2[best])

@@ -61,15 +61,3 @@ def test_shipped_configs_are_valid(name):
   if name.endswith("_mdlm"):
     assert config.block_size == config.length
 
-
-def test_loss_logits_are_sized_for_every_interval_training_may_use():
-  """Without the interval search, the configured interval; with it, up to the grid's highest,
-  which the bound covers: every grid interval's ends lie at or below it."""
-  from bd3jax import clip_search
-  plain = config_lib.loss_config(make(**{"noise.clip_min": 0.3, "noise.clip_max": 0.8}), 0)
-  assert plain.logits_interval == (0.3, 0.8)
-  config = make(**{"noise.clip_min": 0.3, "noise.clip_max": 0.8, "noise.search_every": 10})
-  lo, hi = config_lib.loss_config(config, 0).logits_interval
-  grid = clip_search.interval_grid(config.block_size, config.noise.search_widths)
-  assert (lo, hi) == (0.5, 1.0)
-  assert (grid[:, 0] <= lo + 1e-6).all() and (grid[:, 1] <= hi).all()

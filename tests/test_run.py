@@ -163,3 +163,23 @@ def test_eval_mode_is_deterministic(tmp_path):
   third = run.evaluate_workdir(config, str(tmp_path))
   assert third["nelbo_se"] > 0 and third["tokens"] == first["tokens"]
   assert abs(third["nelbo"] - first["nelbo"]) < 5 * third["nelbo_se"] * np.sqrt(3)
+
+
+def test_train_step_follows_the_noise_interval(tmp_path, monkeypatch):
+  """The loss's logits are sized for the state's noise interval: one train step compiled for
+  the configured interval, and one more for each new interval the search moves training to."""
+  built = []
+  jit_train_step = train.jit_train_step
+
+  def recording(task, *shardings):
+    built.append(task.loss_cfg.logits_interval)
+    return jit_train_step(task, *shardings)
+  monkeypatch.setattr(train, "jit_train_step", recording)
+  config = tiny(num_steps=12, eval_every=12, checkpoint_every=12)
+  config.noise.update(search_every=4, clip_min=1e-3, clip_max=1.0)  # the grid's widest
+  run.train_and_evaluate(config, str(tmp_path))
+  lo, hi = (metrics.read_scalars(tmp_path, f"noise/{k}") for k in ("clip_min", "clip_max"))
+  moved = [(float(np.float32(lo[s])), float(np.float32(hi[s]))) for s in sorted(lo)]
+  start = tuple(float(np.float32(v)) for v in (config.noise.clip_min, config.noise.clip_max))
+  assert len(set(moved) - {start}) >= 1  # the search moved training at least once
+  assert built == list(dict.fromkeys([start, *moved]))
