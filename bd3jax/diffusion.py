@@ -32,9 +32,9 @@ class LossConfig:
   resample: bool = True
   antithetic: bool = True
   # None: the network projects every x_t token to logits. (lo, hi): only the masked ones
-  # (`masked_log_prob_head`), as many per pair of rows as t drawn from [lo, hi] makes likely;
-  # an `interval` passed to `nelbo` beyond it costs time (the training loop keeps it at the
-  # train state's interval).
+  # (`masked_log_prob_head`), as many per pair of rows as t drawn from [lo, hi] makes likely
+  # when `nelbo` gets an `interval` (one beyond [lo, hi] costs time; the training loop keeps
+  # it at the train state's), else as many as t in [clip_min, clip_max] does.
   logits_interval: tuple[float, float] | None = None
 
   @property
@@ -118,14 +118,16 @@ def diffusion_logits(apply_fn: Callable, xt_BL, x0_BL, sigma_B, cfg: LossConfig,
 
 
 def masked_capacity(cfg: LossConfig, batch: int, interval_given: bool) -> int | None:
-  """Tokens per pair of rows that `nelbo` projects to logits, or None for all of them: with
-  `cfg.logits_interval` set, antithetic t, an even batch and not full masking."""
+  """Tokens per pair of rows that `nelbo` projects to logits (`schedules.pair_capacity`, rounded
+  up to a multiple of 8 for the matmul's tiles), or None for all of them: with
+  `cfg.logits_interval` set, antithetic t, an even batch and not full masking.
+  `interval_given`: whether `nelbo` gets an `interval` (see `LossConfig.logits_interval`)."""
   if (cfg.algo != "bd3lm" or cfg.logits_interval is None or cfg.full_masking
       or not cfg.antithetic or batch % 2):
     return None
   lo, hi = cfg.logits_interval if interval_given else (cfg.clip_min, cfg.clip_max)
-  capacity = schedules.pair_capacity(batch, cfg.n_blocks, cfg.block_size, cfg.schedule, lo, hi,
-                                     cfg.resample)
+  capacity = -(-schedules.pair_capacity(batch, cfg.n_blocks, cfg.block_size, cfg.schedule, lo,
+                                        hi, cfg.resample) // 8) * 8
   return capacity if capacity < 2 * cfg.length else None
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from bd3jax import checkpoint, clip_search, evaluate, flops, metrics, parallel, train
+from bd3jax import checkpoint, clip_search, diffusion, evaluate, flops, metrics, parallel, train
 from bd3jax import config as config_lib
 from bd3jax.data import build_data, eval_batches, make_train_iterator
 
@@ -162,20 +162,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
   s = setup(config, workdir, ckpt)
   task, state, tok = s.task, s.state, s.data.tokenizer
+  micro_batch = t.batch_size // t.grad_accum
+  # Pairs of rows must not straddle devices: with an odd number of a micro-batch's rows on
+  # each device, every token is projected to logits.
+  local_rows = s.batch_sharding.shard_shape((t.batch_size, config.length))[0] // t.grad_accum
   step_fns = {}
 
   def step_fn_for(interval_2):
     """(train step, model FLOPs per step) with the loss's logits sized for t drawn from
-    `interval_2`, the state's noise interval (which the search moves); compiled once each."""
-    key = tuple(float(v) for v in np.asarray(jax.device_get(interval_2), np.float32))
-    if key not in step_fns:
-      sized = dataclasses.replace(task, loss_cfg=dataclasses.replace(task.loss_cfg,
-                                                                     logits_interval=key))
-      step_fns[key] = (
+    `interval_2`, the state's noise interval (which the search moves); compiled once for each
+    number of tokens per pair of rows it projects."""
+    interval = tuple(float(v) for v in np.asarray(jax.device_get(interval_2), np.float32))
+    loss_cfg = dataclasses.replace(task.loss_cfg,
+                                   logits_interval=None if local_rows % 2 else interval)
+    capacity = diffusion.masked_capacity(loss_cfg, micro_batch, interval_given=True)
+    if capacity not in step_fns:
+      sized = dataclasses.replace(task, loss_cfg=loss_cfg)
+      step_fns[capacity] = (
           train.jit_train_step(sized, parallel.shardings(state), s.batch_sharding),
-          flops.train_flops_per_sequence(sized.model.cfg, sized.loss_cfg,
-                                         t.batch_size // t.grad_accum) * t.batch_size)
-    return step_fns[key]
+          flops.train_flops_per_sequence(sized.model.cfg, loss_cfg, micro_batch) * t.batch_size)
+    return step_fns[capacity]
 
   step_fn, flops_per_step = step_fn_for(state.noise_interval)
   eval_step = _eval_step_fn(s, config)

@@ -72,8 +72,9 @@ def sample_t(key, batch: int, n_blocks: int, clip_min: float, clip_max: float,
   Low-discrepancy (antithetic) draws as in the reference: with N = batch * n_blocks,
   t_k = (u_k / N + k / N) mod 1, one point in each of the N strata, each row's n_blocks
   consecutive strata a group, then rescaled to the clipped range. The reference gives row b
-  group b; here the groups go to the rows in `folded_rows` order, which the loss's law does not
-  see (the rows are exchangeable). clip_min = clip_max = 1 is full masking (t = 1 everywhere).
+  group b; here the groups go to the rows in `folded_rows` order, which leaves the loss's
+  expectation as it is (and its law, where the rows are exchangeable, e.g. shuffled).
+  clip_min = clip_max = 1 is full masking (t = 1 everywhere).
   """
   u_BN = jax.random.uniform(key, (batch, n_blocks))
   if antithetic:
@@ -135,13 +136,13 @@ def sample_masked(key, p_BN, block_size: int, clip_min=0.0, clip_max=1.0, resamp
   return resampled_BL if static else jnp.where(ok_K.all(), iid_BL, resampled_BL)
 
 
-CAPACITY_STDS = 5.0  # a pair's masked count exceeds its capacity with chance ~3e-7
+CAPACITY_STDS = 5.0  # the tightest pair exceeds its capacity with chance ~3e-7
 
 
 def pair_capacity(batch: int, n_blocks: int, block_size: int, schedule: str, clip_min: float,
                   clip_max: float, resample: bool) -> int:
-  """How many tokens each pair of rows (2i, 2i+1) masks at most, but rarely: over the pairs,
-  the largest expected count plus CAPACITY_STDS standard deviations, under antithetic t (in
+  """A bound that the masked count of a pair of rows (2i, 2i+1) exceeds only rarely: over the
+  pairs, the largest expected count plus CAPACITY_STDS standard deviations, under antithetic t (in
   `folded_rows` order, masked as `sample_masked` masks). Each block's t is taken at the top of
   its stratum, where the move chance and so the count are largest. `batch` must be even."""
   if batch % 2:

@@ -60,4 +60,3 @@ def test_shipped_configs_are_valid(name):
     assert config.algo == "ar" and config.block_size == 1
   if name.endswith("_mdlm"):
     assert config.block_size == config.length
-

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,7 @@ import pytest
 import jax_helpers
 from conftest import MASK_ID, VOCAB, apply_fn, random_params, random_tokens, tiny_model
 
-from bd3jax import diffusion
+from bd3jax import diffusion, flops
 from bd3jax.diffusion import LossConfig
 from bd3jax.masks import AttentionMask, MaskKind
 
@@ -168,17 +170,19 @@ def _nelbo_and_grads(cfg, model, params, x0, interval=None):
     (32, 4, "bfloat16")])
 def test_logits_at_masked_tokens_only_give_the_full_losses(rng, length, block_size, dtype):
   """The head that projects only masked tokens: the same loss, per-token losses and gradients as
-  the logits of every token, for block sizes 1, 4, 16 and L, with and without a pair whose
-  masked tokens overflow the capacity (t drawn above the interval it is sized for)."""
+  the logits of every token, for block sizes 1, 4, 16 and L, without and with pairs whose masked
+  tokens overflow the capacity (t drawn above the interval it is sized for)."""
   model = tiny_model(dtype=dtype)
-  full = LossConfig("bd3lm", length, block_size, MASK_ID)
+  resample = block_size > 1  # a block of one token has no masked fraction inside [0.001, 0.5]
+  full = LossConfig("bd3lm", length, block_size, MASK_ID, resample=resample)
+  masked = dataclasses.replace(full, logits_interval=(1e-3, 0.5))
   x0 = random_tokens(rng, 6, length)
   tokens = x0 if block_size == length else jnp.concatenate([x0, x0], 1)
-  params = random_params(model, tokens, flops_mask(full))
-  masked = LossConfig("bd3lm", length, block_size, MASK_ID, logits_interval=(1e-3, 0.3))
-  for interval in (jnp.array([1e-3, 0.3]), jnp.array([0.6, 1.0])):
-    capacity = diffusion.masked_capacity(masked, 6, interval_given=True)
-    assert capacity is not None and capacity < length
+  params = random_params(model, tokens, flops.training_mask_spec(full))
+  capacity = diffusion.masked_capacity(masked, 6, interval_given=True)
+  for interval, overflows in ((jnp.array([1e-3, 0.5]), False), (jnp.array([0.7, 1.0]), True)):
+    masked_BL = diffusion.forward_process(jax.random.key(7), x0, masked, interval)[1]
+    assert (masked_BL.reshape(3, -1).sum(1).max() > capacity) == overflows
     (loss, aux), grads = _nelbo_and_grads(masked, model, params, x0, interval)
     (loss_ref, aux_ref), grads_ref = _nelbo_and_grads(full, model, params, x0, interval)
     tol = 2e-2 if dtype == "bfloat16" else 1e-5
@@ -188,12 +192,6 @@ def test_logits_at_masked_tokens_only_give_the_full_losses(rng, length, block_si
       np.testing.assert_allclose(g, g_ref, rtol=tol, atol=tol * 1e-1)
 
 
-def flops_mask(cfg):
-  if cfg.n_blocks == 1:
-    return AttentionMask(MaskKind.FULL, cfg.length, cfg.length)
-  return AttentionMask(MaskKind.TRAINING, cfg.length, cfg.block_size)
-
-
 def test_masked_head_projects_capacity_rows_per_pair(rng):
   """The network's output matmul runs on [B / 2, capacity, D] rows, outside any branch; the
   [B, L, V] logits are never formed."""
@@ -201,7 +199,8 @@ def test_masked_head_projects_capacity_rows_per_pair(rng):
   cfg = LossConfig("bd3lm", length, block_size, MASK_ID, logits_interval=(1e-3, 1.0))
   model = tiny_model()
   x0 = random_tokens(rng, batch, length)
-  params = random_params(model, jnp.concatenate([x0, x0], 1), flops_mask(cfg))
+  params = random_params(model, jnp.concatenate([x0, x0], 1),
+                        flops.training_mask_spec(cfg))
   fn = lambda t, s, m, train, head=None: model.apply({"params": params}, t, s, m, train=train,
                                                      head=head)
   jaxpr = jax.make_jaxpr(lambda x: diffusion.nelbo(fn, x, jax.random.key(0), cfg, False))(x0)
@@ -211,11 +210,11 @@ def test_masked_head_projects_capacity_rows_per_pair(rng):
   assert vocab_outputs == [(batch // 2, capacity, VOCAB)]
 
 
-@pytest.mark.parametrize("change,expected", [
-    (dict(logits_interval=None), None), (dict(clip_min=1.0, clip_max=1.0), None),
-    (dict(antithetic=False), None), (dict(), "capacity")])
-def test_masked_capacity_applies_only_where_pairs_balance(change, expected):
+@pytest.mark.parametrize("change,applies", [
+    (dict(logits_interval=None), False), (dict(clip_min=1.0, clip_max=1.0), False),
+    (dict(antithetic=False), False), (dict(), True)])
+def test_masked_capacity_applies_only_where_pairs_balance(change, applies):
   cfg = LossConfig("bd3lm", 64, 4, MASK_ID, **{"logits_interval": (1e-3, 1.0), **change})
   capacity = diffusion.masked_capacity(cfg, 8, interval_given=False)
-  assert (capacity is None) == (expected is None)
+  assert (capacity is not None) == applies
   assert diffusion.masked_capacity(cfg, 7, interval_given=False) is None  # odd batch: no pairs

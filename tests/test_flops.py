@@ -49,7 +49,7 @@ def test_train_flops_count_the_tokens_the_loss_projects():
   """Given the batch, the output projection counts `masked_capacity` tokens per pair of rows:
   the loss's forward matmuls (but the rarely taken branch's) equal the formula."""
   model = tiny_model(n_layers=3, adaln=False)
-  batch, loss_cfg = 4, LossConfig("bd3lm", 16, 4, mask_id=0, logits_interval=(1e-3, 1.0))
+  batch, loss_cfg = 4, LossConfig("bd3lm", 32, 4, mask_id=0, logits_interval=(1e-3, 1.0))
   mask = flops.training_mask_spec(loss_cfg)
   x0 = jnp.ones((batch, loss_cfg.length), jnp.int32)
   params = model.init(jax.random.key(0), jnp.zeros((1, mask.num_tokens), jnp.int32), None,

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import tiny_config
 
-from bd3jax import checkpoint, metrics, run, train
+from bd3jax import checkpoint, diffusion, metrics, run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(Path(__file__).with_name("tiny_config.py"))
@@ -166,20 +167,23 @@ def test_eval_mode_is_deterministic(tmp_path):
 
 
 def test_train_step_follows_the_noise_interval(tmp_path, monkeypatch):
-  """The loss's logits are sized for the state's noise interval: one train step compiled for
-  the configured interval, and one more for each new interval the search moves training to."""
+  """The loss's logits are sized for the state's noise interval: a train step compiled for the
+  configured interval, and one more for each interval the search moves training to that needs
+  another number of tokens per pair of rows."""
   built = []
   jit_train_step = train.jit_train_step
 
   def recording(task, *shardings):
-    built.append(task.loss_cfg.logits_interval)
+    built.append(task.loss_cfg)
     return jit_train_step(task, *shardings)
   monkeypatch.setattr(train, "jit_train_step", recording)
   config = tiny(num_steps=12, eval_every=12, checkpoint_every=12)
   config.noise.update(search_every=4, clip_min=1e-3, clip_max=1.0)  # the grid's widest
   run.train_and_evaluate(config, str(tmp_path))
   lo, hi = (metrics.read_scalars(tmp_path, f"noise/{k}") for k in ("clip_min", "clip_max"))
-  moved = [(float(np.float32(lo[s])), float(np.float32(hi[s]))) for s in sorted(lo)]
-  start = tuple(float(np.float32(v)) for v in (config.noise.clip_min, config.noise.clip_max))
-  assert len(set(moved) - {start}) >= 1  # the search moved training at least once
-  assert built == list(dict.fromkeys([start, *moved]))
+  used = [(config.noise.clip_min, config.noise.clip_max)] + [(lo[s], hi[s]) for s in sorted(lo)]
+  batch = config.train.batch_size
+  capacity = lambda cfg: diffusion.masked_capacity(cfg, batch, interval_given=True)
+  needed = [capacity(dataclasses.replace(built[0], logits_interval=i)) for i in used]
+  assert len(set(needed)) >= 2  # the search moved training to an interval of another size
+  assert [capacity(cfg) for cfg in built] == list(dict.fromkeys(needed))
