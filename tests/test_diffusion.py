@@ -157,12 +157,13 @@ def test_loss_compiles_once_and_decreases(rng):
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
-def _nelbo_and_grads(cfg, model, params, x0, interval=None):
-  def loss_fn(p):
+def _nelbo_and_grads(cfg, model):
+  """Jitted `fn(params, x0, interval) -> ((loss, aux), grads)`: one compile for every interval."""
+  def loss_fn(p, x0, interval):
     fn = lambda t, s, m, train, head=None: model.apply({"params": p}, t, s, m, train=train,
                                                        head=head)
     return diffusion.nelbo(fn, x0, jax.random.key(7), cfg, train=False, interval=interval)
-  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
 
 @pytest.mark.parametrize("length,block_size,dtype", [
@@ -180,11 +181,12 @@ def test_logits_at_masked_tokens_only_give_the_full_losses(rng, length, block_si
   tokens = x0 if block_size == length else jnp.concatenate([x0, x0], 1)
   params = random_params(model, tokens, flops.training_mask_spec(full))
   capacity = diffusion.masked_capacity(masked, 6, interval_given=True)
+  run, run_ref = _nelbo_and_grads(masked, model), _nelbo_and_grads(full, model)
   for interval, overflows in ((jnp.array([1e-3, 0.5]), False), (jnp.array([0.7, 1.0]), True)):
     masked_BL = diffusion.forward_process(jax.random.key(7), x0, masked, interval)[1]
     assert (masked_BL.reshape(3, -1).sum(1).max() > capacity) == overflows
-    (loss, aux), grads = _nelbo_and_grads(masked, model, params, x0, interval)
-    (loss_ref, aux_ref), grads_ref = _nelbo_and_grads(full, model, params, x0, interval)
+    (loss, aux), grads = run(params, x0, interval)
+    (loss_ref, aux_ref), grads_ref = run_ref(params, x0, interval)
     tol = 2e-2 if dtype == "bfloat16" else 1e-5
     np.testing.assert_allclose(loss, loss_ref, rtol=tol)
     np.testing.assert_allclose(aux["token_loss"], aux_ref["token_loss"], rtol=tol, atol=tol)
