@@ -96,10 +96,24 @@ def _valid_batch_sharding(s: Setup, config):
   return parallel.batch_sharding(s.mesh, (_valid_batch_size(config, s.data), config.length))
 
 
+def pairs_stay_on_devices(sharding, batch_size: int, micro_batches: int = 1) -> bool:
+  """Whether every device holds an even number of each micro-batch's rows, so that the loss's
+  pairs of rows (`diffusion.masked_log_prob_head`) do not straddle devices."""
+  return (sharding.shard_shape((batch_size, 1))[0] // micro_batches) % 2 == 0
+
+
+def _with_logits_interval(task: train.Task, interval) -> train.Task:
+  return dataclasses.replace(task, loss_cfg=dataclasses.replace(task.loss_cfg,
+                                                                logits_interval=interval))
+
+
 def _eval_step_fn(s: Setup, config):
   """`eval(params, x0_BL, key)` over the mesh, for the host batches of `valid_batches`."""
   sharding = _valid_batch_sharding(s, config)
-  step = train.jit_eval_step(evaluate.eval_task(s.task),
+  task = s.task
+  if not pairs_stay_on_devices(sharding, _valid_batch_size(config, s.data)):
+    task = _with_logits_interval(task, None)
+  step = train.jit_eval_step(evaluate.eval_task(task),
                              parallel.shardings(s.state.ema_params), sharding)
   return lambda params, x0_BL, key: step(params, parallel.host_to_global(x0_BL, sharding), key)
 
@@ -163,24 +177,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
   s = setup(config, workdir, ckpt)
   task, state, tok = s.task, s.state, s.data.tokenizer
   micro_batch = t.batch_size // t.grad_accum
-  # Pairs of rows must not straddle devices: with an odd number of a micro-batch's rows on
-  # each device, every token is projected to logits.
-  local_rows = s.batch_sharding.shard_shape((t.batch_size, config.length))[0] // t.grad_accum
+  pairs_fit = pairs_stay_on_devices(s.batch_sharding, t.batch_size, t.grad_accum)
   step_fns = {}
 
   def step_fn_for(interval_2):
     """(train step, model FLOPs per step) with the loss's logits sized for t drawn from
     `interval_2`, the state's noise interval (which the search moves); compiled once for each
-    number of tokens per pair of rows it projects."""
+    number of tokens per pair of rows it projects (all of them where pairs would straddle
+    devices)."""
     interval = tuple(float(v) for v in np.asarray(jax.device_get(interval_2), np.float32))
-    loss_cfg = dataclasses.replace(task.loss_cfg,
-                                   logits_interval=None if local_rows % 2 else interval)
-    capacity = diffusion.masked_capacity(loss_cfg, micro_batch, interval_given=True)
+    sized = _with_logits_interval(task, interval if pairs_fit else None)
+    capacity = diffusion.masked_capacity(sized.loss_cfg, micro_batch, interval_given=True)
     if capacity not in step_fns:
-      sized = dataclasses.replace(task, loss_cfg=loss_cfg)
       step_fns[capacity] = (
           train.jit_train_step(sized, parallel.shardings(state), s.batch_sharding),
-          flops.train_flops_per_sequence(sized.model.cfg, loss_cfg, micro_batch) * t.batch_size)
+          flops.train_flops_per_sequence(sized.model.cfg, sized.loss_cfg, micro_batch)
+          * t.batch_size)
     return step_fns[capacity]
 
   step_fn, flops_per_step = step_fn_for(state.noise_interval)

@@ -99,7 +99,10 @@ def check_steps() -> dict:
         "params_max_abs_diff": max_abs_diff(ref.params, state.params),
         "ema_max_abs_diff": max_abs_diff(ref.ema_params, state.ema_params),
         "opt_state_max_abs_diff": max_abs_diff(ref.opt_state, state.opt_state),
-        "qkv_spec": str(state.params["blocks_0"]["attn_qkv"]["kernel"].sharding.spec)}
+        "qkv_spec": str(state.params["blocks_0"]["attn_qkv"]["kernel"].sharding.spec),
+        "pairs_fit": [run.pairs_stay_on_devices(
+            parallel.batch_sharding(parallel.make_mesh(mesh_config(shape)), (b, 32)), b)
+            for b in (BATCH, 2 * BATCH)]}
     if shape == (1, 8, 1):
       total = {k: sum(x.nbytes for x in jax.tree.leaves(getattr(state, k)))
                for k in ("params", "opt_state")}

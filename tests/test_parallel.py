@@ -48,6 +48,13 @@ def test_sharded_step_matches_the_unsharded_step(multidevice, mesh):
   assert got["opt_state_max_abs_diff"] < 1e-7
 
 
+def test_pairs_of_rows_fit_where_each_device_holds_an_even_count(multidevice):
+  """8 or 16 rows over 8 batch shards (one or two a device), or over 4 (two or four)."""
+  fit = {mesh: multidevice["steps"]["meshes"][mesh]["pairs_fit"] for mesh in MESHES}
+  assert fit == {"(8, 1, 1)": [False, True], "(2, 4, 1)": [False, True],
+                 "(2, 2, 2)": [True, True], "(1, 8, 1)": [False, True]}
+
+
 def test_sharded_gradient_accumulation(multidevice):
   got = multidevice["steps"]["grad_accum"]
   np.testing.assert_allclose(got["losses"], got["reference_losses"], rtol=2e-6)

@@ -187,3 +187,4 @@ def test_train_step_follows_the_noise_interval(tmp_path, monkeypatch):
   needed = [capacity(dataclasses.replace(built[0], logits_interval=i)) for i in used]
   assert len(set(needed)) >= 2  # the search moved training to an interval of another size
   assert [capacity(cfg) for cfg in built] == list(dict.fromkeys(needed))
+
