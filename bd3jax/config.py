@@ -9,6 +9,7 @@ from bd3jax import schedules
 from bd3jax.diffusion import LossConfig
 from bd3jax.model import ModelConfig
 from bd3jax.model.attention import IMPLEMENTATIONS
+from bd3jax.model.layer_ops import LAYER_NORMS
 
 ALGOS = ("bd3lm", "ar")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,6 +42,8 @@ def validate(config) -> None:
   _require(m.dtype in DTYPES, f"model.dtype {m.dtype!r} is not one of {DTYPES}")
   _require(m.attention in IMPLEMENTATIONS,
            f"model.attention {m.attention!r} is not one of {IMPLEMENTATIONS}")
+  _require(m.layer_norm in LAYER_NORMS,
+           f"model.layer_norm {m.layer_norm!r} is not one of {LAYER_NORMS}")
   _require(0.0 <= m.dropout < 1.0, f"model.dropout {m.dropout} must be in [0, 1)")
   if m.time_conditioning:
     _require(config.algo == "bd3lm" and block == length,
@@ -78,7 +81,7 @@ def model_config(config, vocab_size: int) -> ModelConfig:
       vocab_size=vocab_size, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
       cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
       adaln=config.algo != "ar", time_conditioning=m.time_conditioning, dtype=m.dtype,
-      attention=m.attention)
+      attention=m.attention, layer_norm=m.layer_norm)
 
 
 def loss_config(config, mask_id: int) -> LossConfig:

@@ -75,7 +75,8 @@ def config_summary(config, batch_size: int, vocab_size: int) -> dict:
   m = config.model
   return {"algo": config.algo, "length": config.length, "block_size": config.block_size,
           "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
-          "dtype": m.dtype, "attention": m.attention, "batch": batch_size,
+          "dtype": m.dtype, "attention": m.attention, "layer_norm": m.layer_norm,
+          "batch": batch_size,
           "grad_accum": config.train.grad_accum, "vocab_size": vocab_size}
 
 

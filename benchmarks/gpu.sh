@@ -9,13 +9,15 @@
 # command runs under `timeout $PART_TIMEOUT` (default 300 s) so that one slow compile cannot
 # take the time of the rest; a failed command is reported and the script goes on.
 # - check: benchmarks/kernel_check.py, the compiled kernels against float32 dense references
-#   (48 s on an H200, 2026-11-27);
+#   (48 s on an H200, 2026-11-27, before the LayerNorm cases);
 # - attention: the reference shape (batch 16, 12 heads, 2L = 2048, head dim 64, L' = 16, bf16)
 #   with pallas (the default tiles, then other tiles for the backward kernels: FORWARD/DQ/DKV),
 #   cudnn and xla, in one process (an earlier sweep of eight pallas settings and cudnn took
 #   37 s on an H200, 2026-11-27);
-# - train_step: the small model (configs/base.py) with pallas, then cudnn attention, train step
-#   only (--noeval). XLA compiles slowly here: on an H200 (2026-11-27) the pallas command took
+# - train_step: the small model (configs/base.py), train step only (--noeval), with pallas
+#   attention and the fused residual LayerNorm kernel (model.layer_norm=pallas), then pallas
+#   attention and XLA's LayerNorm, then cudnn attention and XLA's LayerNorm. XLA compiles
+#   slowly here: on an H200 (2026-11-27) the pallas attention command (XLA's LayerNorm) took
 #   136 s in all (the train step's compile 106 s) with XLA's default flags, 89 s (53 s) with
 #   XLA_FLAGS=--xla_gpu_enable_triton_gemm=false as launch/gpu_slurm.sh sets it;
 # - sampler: batch 1 and 64 at one token per NFE, with the nucleus search settling 1 and then
@@ -25,7 +27,8 @@
 #   reached its parallel rules after 220 s (2026-11-27), so give it PART_TIMEOUT=600.
 # XLA_FLAGS and other settings in the environment apply to every command.
 # train_step:IMPLS and sampler:IMPLS run only the listed attention implementations (comma-
-# separated), in that order.
+# separated), in that order; for train_step each may be ATTENTION/LAYER_NORM (e.g. pallas/xla;
+# the LayerNorm defaults to xla).
 # The train_step and sampler commands also trace a short run (two train steps; eight blocks
 # of samples at each batch) into a scratch directory and print the GPU time per op and per
 # stream, and how busy each stream was (benchmarks/trace_summary.py); for the train step also
@@ -72,10 +75,13 @@ for spec in "${parts[@]}"; do
       settings+=,64x64:4/64x64:4/32x128:8,64x64:4/128x32:4/64x64:4,64x64:4/64x32:4/32x64:4
       run attention benchmarks/attention.py --impls=pallas,cudnn,xla --pallas="$settings" ;;
     train_step)
-      ((${#impls[@]})) || impls=(pallas cudnn)
+      ((${#impls[@]})) || impls=(pallas/pallas pallas/xla cudnn/xla)
       for impl in "${impls[@]}"; do
+        attention=${impl%%/*} layer_norm=xla
+        [[ $impl == */* ]] && layer_norm=${impl#*/}
         run train_step benchmarks/train_step.py --noeval --steps=10 \
-          --config.model.attention="$impl" --profile_dir="$traces/train_step_$impl"
+          --config.model.attention="$attention" --config.model.layer_norm="$layer_norm" \
+          --profile_dir="$traces/train_step_${attention}_$layer_norm"
       done ;;
     sampler)
       ((${#impls[@]})) || impls=(pallas dense)
@@ -93,9 +99,9 @@ done
 "$python" - "$out" <<'EOF'
 import json, pathlib, sys
 
-COLUMNS = ("impl", "pass", "attention", "kind", "kernel", "mask", "length", "queries", "end",
-           "dtype", "head_dim", "setting", "batch", "nucleus_bits", "block_q", "block_k",
-           "num_warps", "num_stages", "ms", "step_ms", "tokens_per_s", "ms_per_nfe",
+COLUMNS = ("impl", "pass", "attention", "layer_norm", "kind", "kernel", "mask", "length",
+           "queries", "end", "dtype", "head_dim", "setting", "batch", "nucleus_bits", "block_q",
+           "block_k", "num_warps", "num_stages", "ms", "step_ms", "tokens_per_s", "ms_per_nfe",
            "nfes_per_token", "max_abs_err", "grad_rel_err", "ok", "failed", "mfu", "error")
 
 
@@ -111,8 +117,8 @@ def print_profile(name, record):
   device = [t for t in record["timelines"] if t["plane"].startswith("/device:")]
   timelines = ([t for t in device if t["line"].startswith("Stream")] or device or
                record["timelines"])
-  what = " ".join(cells(record, ("attention", "batch", "nucleus_bits", "ms_per_nfe",
-                                 "wall_ms_per_step")))
+  what = " ".join(cells(record, ("attention", "layer_norm", "batch", "nucleus_bits",
+                                 "ms_per_nfe", "wall_ms_per_step")))
   for t in sorted(timelines, key=lambda t: -t["busy_ms"])[:2]:
     print(f"{name} profile {what} {t['line']}: busy {t['busy_ms']:.1f} of {t['span_ms']:.1f} ms")
     print("  by kind:", ", ".join(f"{k['kind']} {k['total_ms']:.2f} ms ({k['count']}x)"

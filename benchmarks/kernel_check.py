@@ -7,9 +7,12 @@ The tests check the kernels interpreted on CPU; this checks the compiled builds 
 Cases: `block_sparse_attention` (output and dq, dk, dv of sum(o * dO)) under the training and
 the block-causal masks, L' = 1, 4, 16 and L, float32 and bfloat16, head dim 64 and 128; the
 decode kernel `cache_attention` with the cache partly filled, exactly full and wrapped around,
-T = 1 to 64 queries. References: `dense_attention` and `dense_cache_attention` on the same
-values in float32. Tolerances: output max |error| 5e-3 (float32, which Triton may run as TF32)
-or 5e-2 (bfloat16); gradients max |error| / max |reference| 2e-3 or 2e-2. Prints one JSON line
+T = 1 to 64 queries; the fused residual LayerNorm `kernels.residual_layer_norm` (its three
+outputs and the gradients of x, branch, gate, weight, shift and scale) with and without
+dropout, D = 768 and 1024, up to 2048 rows. References: `dense_attention`,
+`dense_cache_attention` and `layer_ops.residual_layer_norm`'s XLA formulas on the same values
+in float32. Tolerances: outputs max |error| 5e-3 (float32, which Triton may run as TF32) or
+5e-2 (bfloat16); gradients max |error| / max |reference| 2e-3 or 2e-2. Prints one JSON line
 per case (the seed first) and exits with status 1 if any case fails or raises.
 """
 
@@ -26,7 +29,9 @@ from absl import app, flags  # noqa: E402
 from benchmarks import common  # noqa: E402
 from bd3jax.kernels import block_sparse_attention, decode  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
+from bd3jax.model import layer_ops  # noqa: E402
 from bd3jax.model.attention import dense_attention, dense_cache_attention  # noqa: E402
+from bd3jax.model.dropout import keep_bits  # noqa: E402
 
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the inputs (default: from the clock).")
 _SMALL = flags.DEFINE_bool("small", False, "Only the cases with at most 256 tokens.")
@@ -49,6 +54,13 @@ DECODE_CASES = (
     (64, 64, 64, F32, 64, 2, 2),
     (4, 1024, 2000, BF16, 128, 2, 2),
     (24, 48, 7, BF16, 64, 1, 2),
+)
+# batch, rows T, D, branch and output dtype, dropout rate
+LAYER_NORM_CASES = (
+    (2, 2048, 768, BF16, 0.1),
+    (2, 1024, 1024, BF16, 0.0),
+    (3, 24, 96, F32, 0.1),
+    (2, 64, 768, F32, 0.1),
 )
 
 
@@ -77,6 +89,19 @@ def main(argv):
     record = {"kernel": "decode", "queries": t, "slots": slots, "end": end,
               "dtype": jnp.dtype(dtype).name, "head_dim": head_dim}
     records.append(_check(record, dtype, lambda: _decode_errors(q, *cache, end)))
+  for batch, t, d, dtype, rate in LAYER_NORM_CASES:
+    if _SMALL.value and t > 256:
+      continue
+    x = normal((batch, t, d), F32)
+    branch = normal((batch, t, d), dtype)
+    gate, shift, scale = (0.2 * normal((batch, 1, d), F32) for _ in range(3))  # |y| < 16
+    weight = 1 + 0.1 * normal((d,), F32)
+    mask = keep_bits(next(keys), (batch, t, d), rate) if rate else None
+    cotangents = [normal(shape, F32) for shape in ((batch, t, d), (batch, t, d), (batch, t, 1))]
+    record = {"kernel": "layer_norm", "length": t, "d_model": d, "dtype": jnp.dtype(dtype).name,
+              "dropout": rate}
+    records.append(_check(record, dtype, lambda: _layer_norm_errors(
+        [x, branch, gate, weight, shift, scale], mask, cotangents, dtype)))
   failed = [r for r in records if not r["ok"]]
   common.emit({"benchmark": "kernel_check", "cases": len(records), "failed": len(failed)})
   if failed:
@@ -109,6 +134,20 @@ def _attention_errors(mask, inputs):
 def _decode_errors(q, k, v, end):
   o_ref = dense_cache_attention(q.astype(F32), k.astype(F32), v.astype(F32), end)
   return {"max_abs_err": _max_err(jax.jit(decode.cache_attention)(q, k, v, end), o_ref)}
+
+
+def _layer_norm_errors(inputs, mask, cotangents, dtype):
+  def value_and_grads(implementation, out_dtype, x, branch, gate, weight, shift, scale):
+    fused = lambda *args: layer_ops.residual_layer_norm(
+        *args[:3], mask, *args[3:], None, out_dtype=out_dtype, implementation=implementation)
+    out, vjp = jax.vjp(fused, x, branch, gate, weight, shift, scale)
+    return out, vjp(tuple(ct.astype(o.dtype) for ct, o in zip(cotangents, out)))
+  out_ref, grads_ref = jax.jit(lambda *a: value_and_grads("xla", F32, *a))(
+      *(a.astype(F32) for a in inputs))
+  out, grads = jax.jit(lambda *a: value_and_grads("pallas", dtype, *a))(*inputs)
+  return {"max_abs_err": max(_max_err(o, o_ref) for o, o_ref in zip(out, out_ref)),
+          "grad_rel_err": max(_max_err(g, g_ref) / float(jnp.abs(g_ref).max())
+                              for g, g_ref in zip(grads, grads_ref))}
 
 
 def _max_err(x, ref):

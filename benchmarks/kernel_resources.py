@@ -1,4 +1,4 @@
-"""Registers, spills and shared memory of the Pallas attention kernels built for a GPU, on any host.
+"""Registers, spills and shared memory of the Pallas kernels built for a GPU, on any host.
 
   pip install triton      # not a bd3jax dependency; brings its own ptxas and cuobjdump
   python benchmarks/kernel_resources.py                    # head dim 64/128, bf16/f32, sm_90
@@ -8,7 +8,9 @@ For each (head dim, dtype, tiles, warps) the forward, dq and dk/dv kernels are l
 Triton IR for CUDA exactly as `jax.jit` would on a GPU (`block_sparse_attention` at batch 1,
 one head, the training mask of `--length`/`--block_size`), and for each (head dim, dtype,
 warps) the sampler's KV-cache kernel (`kernels/decode.py`: `--block_size` queries over a cache
-of `--length` slots, default tiles); each is compiled to a cubin for `--sm` by the `triton`
+of `--length` slots, default tiles), and for each dtype the fused residual LayerNorm's forward
+and backward kernels (`kernels/layer_norm.py`, with dropout, over 2L rows of `--d_model`, the
+branch in that dtype); each is compiled to a cubin for `--sm` by the `triton`
 package and described by cuobjdump's resource usage and SASS. One JSON line each:
 registers per thread, stack_bytes and local_bytes (register spills: anything above 0 costs
 memory traffic in the inner loop), shared_bytes (Triton's dynamic shared memory; 227 KiB is an
@@ -34,7 +36,7 @@ from jax import export  # noqa: E402
 from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bd3jax.kernels import block_sparse, decode, platform  # noqa: E402
+from bd3jax.kernels import block_sparse, decode, layer_norm, platform  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
 
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dimensions K.")
@@ -45,6 +47,7 @@ _NUM_WARPS = flags.DEFINE_list("num_warps", ["4", "8"],
 _LENGTH = flags.DEFINE_integer("length", 1024, "L; the kernels run over 2L tokens.")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "L'.")
 _SM = flags.DEFINE_integer("sm", 90, "Compute capability to build for (90: H100/H200).")
+_D_MODEL = flags.DEFINE_integer("d_model", 768, "D of the fused residual LayerNorm's rows.")
 
 KERNELS = ("fwd", "dq", "dkv")
 USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
@@ -90,6 +93,27 @@ def decode_module(queries: int, slots: int, head_dim, dtype, num_warps):
   [module] = lowered_triton(attend, q, cache, cache, jax.ShapeDtypeStruct((), jnp.int32))
   # The tiles do not depend on interpret; interpret=True skips the GPU-backend check.
   return module, decode.decode_config(q, cache, cache, num_warps=num_warps, interpret=True)
+
+
+def layer_norm_modules(tokens: int, d_model: int, dtype) -> list[str]:
+  """Triton IR text of the fused residual LayerNorm's forward and backward kernels, with
+  dropout, over `tokens` rows of `d_model` (branch and output in `dtype`)."""
+  x = jax.ShapeDtypeStruct((1, tokens, d_model), jnp.float32)
+  branch = jax.ShapeDtypeStruct((1, tokens, d_model), dtype)
+  row = jax.ShapeDtypeStruct((1, 1, d_model), jnp.float32)
+  weight = jax.ShapeDtypeStruct((d_model,), jnp.float32)
+  keep = jax.ShapeDtypeStruct((1, tokens, d_model // 4), jnp.uint8)
+
+  def forward_and_backward(x, branch, gate, keep, weight, shift, scale):
+    fused = lambda x, branch, gate, weight, shift, scale: layer_norm.residual_layer_norm(
+        x, branch, gate, weight, shift, scale, out_dtype=dtype, keep_BTM=keep, drop_scale=1.1,
+        interpret=False)
+    out, vjp = jax.vjp(fused, x, branch, gate, weight, shift, scale)
+    return vjp(out)
+  modules = lowered_triton(forward_and_backward, x, branch, row, keep, weight, row, row)
+  if len(modules) != 2:
+    raise RuntimeError(f"expected the forward and backward kernels, lowered {len(modules)}")
+  return modules
 
 
 def resources(triton, module: str, sm: int, num_warps: int) -> dict:
@@ -144,6 +168,11 @@ def main(argv):
                                     warps)
         emit("decode", module, head_dim=head_dim, dtype=dtype, block_q=cfg.block_q,
              block_k=cfg.block_k, num_warps=warps)
+  for dtype in _DTYPES.value:
+    modules = layer_norm_modules(2 * _LENGTH.value, _D_MODEL.value, jnp.dtype(dtype))
+    for kernel, module, warps in zip(("layer_norm_fwd", "layer_norm_bwd"), modules,
+                                     (layer_norm.FORWARD_WARPS, layer_norm.BACKWARD_WARPS)):
+      emit(kernel, module, d_model=_D_MODEL.value, dtype=dtype, num_warps=warps)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ def main(argv):
     seconds, _, timelines = trace_summary.trace(run_steps, _PROFILE.value, hlo_text=hlo_text)
     common.emit({
         "benchmark": "train_step_profile", "attention": config.model.attention,
+        "layer_norm": config.model.layer_norm,
         "steps": _PROFILE_STEPS.value, "wall_ms_per_step": 1e3 * seconds / _PROFILE_STEPS.value,
         "timelines": timelines})
 

@@ -23,6 +23,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       time_conditioning=False,
       dtype="bfloat16",      # compute dtype; parameters are always float32
       attention="dense",     # dense | xla | cudnn | pallas | splash | auto (README)
+      layer_norm="xla",      # xla | pallas: residual add, dropout and LayerNorm (README)
   ))
 
 

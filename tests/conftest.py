@@ -6,8 +6,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model import DiT, ModelConfig
 
 VOCAB = 37
@@ -47,3 +49,33 @@ def rng():
 
 def random_tokens(key, batch, length):
   return jax.random.randint(key, (batch, length), 0, MASK_ID, dtype=jnp.int32)
+
+
+def assert_same_model_loss_and_gradients(key, length, block_size, reference: dict, other: dict,
+                                         dropout_key=None):
+  """A training pass's masked cross-entropy and its parameter gradients under
+  `tiny_model(**other)` equal those under `tiny_model(**reference)` (same random parameters; a
+  training pass with dropout when `dropout_key` is given)."""
+  mask = AttentionMask(MaskKind.TRAINING, length, block_size)
+  k_x0, k_xt = jax.random.split(key)
+  x0 = random_tokens(k_x0, 2, length)
+  xt = jnp.where(jax.random.bernoulli(k_xt, 0.5, x0.shape), MASK_ID, x0)
+  tokens = jnp.concatenate([xt, x0], axis=1)
+  params = random_params(tiny_model(**reference), tokens, mask)
+
+  def loss_and_grads(overrides):
+    model = tiny_model(**overrides)
+    train = dropout_key is not None
+    rngs = {"dropout": dropout_key} if train else None
+
+    def loss(params):
+      logits_BLV = model.apply({"params": params}, tokens, None, mask, train=train, rngs=rngs)
+      log_p_BL = jnp.take_along_axis(jax.nn.log_softmax(logits_BLV), x0[..., None], -1)[..., 0]
+      return -jnp.mean(jnp.where(xt == MASK_ID, log_p_BL, 0.0))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss_ref, grads_ref = loss_and_grads(reference)
+  loss, grads = loss_and_grads(other)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, grads_ref)

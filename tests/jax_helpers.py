@@ -1,6 +1,18 @@
 """Helpers shared by the test modules and tests/multidevice_checks.py."""
 
+import jax
+from jax import export
+
 from benchmarks.common import value_and_grads  # noqa: F401  (the benchmarks' own, shared)
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def lowered_for(platform_name, fn, *args) -> str:
+  """The StableHLO module of jit(fn) lowered for another platform (no device of it needed)."""
+  unchecked = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+  return export.export(jax.jit(fn), platforms=[platform_name],
+                       disabled_checks=unchecked)(*args).mlir_module()
 
 
 def sub_jaxprs(eqn):

@@ -27,7 +27,9 @@ import tiny_config  # noqa: E402
 from bd3jax import metrics, parallel, run, train  # noqa: E402
 from bd3jax.data import demo_documents  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
+from bd3jax.model import layer_ops  # noqa: E402
 from bd3jax.model.attention import attention  # noqa: E402
+from bd3jax.model.dropout import keep_bits  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]   # (data, fsdp, tensor)
 BATCH, STEPS, VOCAB = 8, 3, 64
@@ -126,8 +128,10 @@ def kernel_operand_sizes(jaxpr) -> list[int]:
 
 def check_kernels() -> dict:
   """The Pallas and splash kernels on the (2, 2, 2) mesh: output and gradients against dense
-  attention on one device, the largest operand any kernel call sees (a q shard is 1/8 of q),
-  and a sharded train step with the Pallas kernel against the unsharded dense step."""
+  attention on one device, the largest operand any kernel call sees (a q shard is 1/8 of q);
+  the same for the fused residual LayerNorm against its XLA formulas (a shard of x is 1/4: the
+  batch only); and a sharded train step with the Pallas kernels (attention and LayerNorm)
+  against the unsharded dense and XLA step."""
   mesh = parallel.make_mesh(mesh_config((2, 2, 2)))
   mask = AttentionMask(MaskKind.TRAINING, 64, 16)   # T = 128: one splash block
   q, k, v, do = (jax.random.normal(key, (4, 128, 4, 16))
@@ -149,9 +153,11 @@ def check_kernels() -> dict:
     out[implementation] = {"max_abs_diff": max_abs_diff(got, ref),
                            "max_operand_size": max(sizes, default=0)}
 
+  out["layer_norm"] = check_layer_norm_kernel(mesh)
+
   dense = train.Task.from_config(tiny(), VOCAB, VOCAB - 1)
   config = tiny()
-  config.model.attention = "pallas"
+  config.model.update(attention="pallas", layer_norm="pallas")
   pallas = train.Task.from_config(config, VOCAB, VOCAB - 1)
   rng = np.random.default_rng(1)
   batches = [{"tokens": rng.integers(0, VOCAB - 1, (BATCH, 32), dtype=np.int32)}
@@ -159,6 +165,38 @@ def check_kernels() -> dict:
   out["train_step"] = {"dense_unsharded": unsharded_steps(dense, batches)[0],
                        "pallas_sharded": sharded_steps(pallas, batches, (2, 2, 2))[0]}
   return out
+
+
+def check_layer_norm_kernel(mesh) -> dict:
+  """`layer_ops.residual_layer_norm` with "pallas" on `mesh` (x, branch, gate, shift and scale
+  batch-sharded, the weight replicated) against "xla" on one device: outputs and every
+  gradient, and the largest kernel operand."""
+  b, t, d = 8, 16, 32
+  keys = iter(jax.random.split(jax.random.key(1), 10))
+  x, branch = (jax.random.normal(next(keys), (b, t, d)) for _ in range(2))
+  gate, shift, scale = (jax.random.normal(next(keys), (b, 1, d)) for _ in range(3))
+  weight = 1 + 0.1 * jax.random.normal(next(keys), (d,))
+  mask = keep_bits(next(keys), (b, t, d), 0.1)
+  cotangents = tuple(jax.random.normal(next(keys), shape)
+                     for shape in ((b, t, d), (b, t, d), (b, t, 1)))
+
+  def value_and_grads(implementation, *args):
+    fused = lambda x, branch, gate, weight, shift, scale: layer_ops.residual_layer_norm(
+        x, branch, gate, mask, weight, shift, scale, None, out_dtype=jnp.float32,
+        implementation=implementation)
+    out, vjp = jax.vjp(fused, *args)
+    return out, vjp(cotangents)
+
+  args = (x, branch, gate, weight, shift, scale)
+  ref = jax.jit(functools.partial(value_and_grads, "xla"))(*args)
+  fn = jax.jit(functools.partial(value_and_grads, "pallas"))
+  with jax.set_mesh(mesh):
+    placed = [jax.device_put(a, NamedSharding(mesh, P() if a.ndim == 1 else P(("data", "fsdp"))))
+              for a in args]
+    got = fn(*placed)
+    sizes = kernel_operand_sizes(jax.make_jaxpr(fn)(*placed).jaxpr)
+  return {"max_abs_diff": max_abs_diff(got, ref), "max_operand_size": max(sizes, default=0),
+          "x_size": x.size}
 
 
 def check_restore(workdir: Path) -> dict:

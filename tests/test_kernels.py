@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import jax_helpers
+from jax_helpers import TRITON_CALL, lowered_for
 import tiny_config
-from conftest import MASK_ID, random_params, random_tokens, tiny_model
-from jax import export
+from conftest import MASK_ID, assert_same_model_loss_and_gradients, tiny_model
 from jax.experimental import pallas as pl
 
 from bd3jax import sampling, train
@@ -21,7 +21,6 @@ from bd3jax.masks import AttentionMask, MaskKind, Tile, tile_map
 from bd3jax.model.attention import attention, dense_attention, dense_cache_attention
 
 TRAINING, BLOCK_CAUSAL, FULL = MaskKind.TRAINING, MaskKind.BLOCK_CAUSAL, MaskKind.FULL
-TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def qkv_and_cotangent(seed, shape, dtype):
@@ -162,28 +161,8 @@ def test_every_output_element_is_written():
 def test_model_loss_and_gradients_identical_with_dense_and_pallas(rng, monkeypatch):
   monkeypatch.setattr(block_sparse, "BLOCK_Q", 8)  # 8 x 8 tiles: empty, partial and full ones
   monkeypatch.setattr(block_sparse, "BLOCK_K", 8)
-  length, size = 32, 4
-  mask = AttentionMask(TRAINING, length, size)
-  k_x0, k_xt = jax.random.split(rng)
-  x0 = random_tokens(k_x0, 2, length)
-  xt = jnp.where(jax.random.bernoulli(k_xt, 0.5, x0.shape), MASK_ID, x0)
-  tokens = jnp.concatenate([xt, x0], axis=1)
-  params = random_params(tiny_model(n_layers=1, n_heads=2), tokens, mask)
-
-  def loss_and_grads(implementation):
-    model = tiny_model(n_layers=1, n_heads=2, attention=implementation)
-
-    def loss(params):
-      logits_BLV = model.apply({"params": params}, tokens, None, mask)
-      log_p_BL = jnp.take_along_axis(jax.nn.log_softmax(logits_BLV), x0[..., None], -1)[..., 0]
-      return -jnp.mean(jnp.where(xt == MASK_ID, log_p_BL, 0.0))
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  loss_dense, grads_dense = loss_and_grads("dense")
-  loss_pallas, grads_pallas = loss_and_grads("pallas")
-  np.testing.assert_allclose(loss_pallas, loss_dense, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               grads_pallas, grads_dense)
+  assert_same_model_loss_and_gradients(rng, 32, 4, dict(n_layers=1, n_heads=2, attention="dense"),
+                                       dict(n_layers=1, n_heads=2, attention="pallas"))
 
 
 @pytest.mark.parametrize("queries", [256, 128, 100])  # all, the x_t half, not a block multiple
@@ -295,13 +274,6 @@ def test_cache_attention_errors(monkeypatch):
   monkeypatch.setattr(platform, "backend", lambda: "gpu")
   with pytest.raises(ValueError, match="multiple of 16 slots; got 24"):
     decode.cache_attention(q, k, v, 4, interpret=False)
-
-
-def lowered_for(platform_name, fn, *args) -> str:
-  """The StableHLO module of jit(fn) lowered for another platform (no device of it needed)."""
-  unchecked = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
-  return export.export(jax.jit(fn), platforms=[platform_name],
-                       disabled_checks=unchecked)(*args).mlir_module()
 
 
 def exponentiates_with_exp2(module: str) -> bool:

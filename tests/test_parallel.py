@@ -70,7 +70,13 @@ def test_kernels_run_on_each_devices_shard(multidevice, implementation):
   assert got["max_operand_size"] == kernels["q_size"] // 8
 
 
-def test_sharded_train_step_with_the_pallas_kernel(multidevice):
+def test_fused_layer_norm_runs_on_each_devices_shard(multidevice):
+  got = multidevice["kernels"]["layer_norm"]
+  assert got["max_abs_diff"] < 1e-5   # outputs and gradients against the XLA formulas
+  assert got["max_operand_size"] == got["x_size"] // 4   # the batch over data x fsdp = 2 x 2
+
+
+def test_sharded_train_step_with_the_pallas_kernels(multidevice):
   got = multidevice["kernels"]["train_step"]
   np.testing.assert_allclose(got["pallas_sharded"], got["dense_unsharded"], rtol=2e-6)
 

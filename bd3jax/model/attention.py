@@ -23,8 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bd3jax.kernels import block_sparse, block_sparse_attention, decode, platform, splash_attention
-from bd3jax.logical_axes import logical_to_mesh_spec
+from bd3jax.kernels import (block_sparse, block_sparse_attention, decode, platform, sharding,
+                            splash_attention)
 from bd3jax.masks import AttentionMask
 
 IMPLEMENTATIONS = ("dense", "xla", "cudnn", "pallas", "splash", "auto")
@@ -66,16 +66,12 @@ def attention(q_BQHK, k_BTHK, v_BTHK, mask: AttentionMask, implementation: str =
   raise ValueError(f"model.attention {implementation!r} is not one of {IMPLEMENTATIONS}")
 
 
+_QKV_NAMES = ("batch", None, "heads", None)
+
+
 def _per_shard(kernel, q_BQHK, k_BTHK, v_BTHK):
   """`kernel(q, k, v)` on each device's shard of batch and heads under the current mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return kernel(q_BQHK, k_BTHK, v_BTHK)
-  spec = logical_to_mesh_spec(("batch", None, "heads", None), q_BQHK.shape, dict(mesh.shape))
-  # check_vma=False: the kernels' outputs carry no varying-axes annotation; devices along axes
-  # the spec leaves out hold equal inputs and so compute equal outputs.
-  return jax.shard_map(kernel, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
-      q_BQHK, k_BTHK, v_BTHK)
+  return sharding.per_shard(kernel, [q_BQHK, k_BTHK, v_BTHK], [_QKV_NAMES] * 3, [_QKV_NAMES])
 
 
 def update_kv_cache(cache_BHSK, new_BTHK, start):

@@ -8,6 +8,7 @@ the forward pass keeps for the backward is one byte per evaluation, the four dra
 the hash and the comparisons run in one kernel, and the selects unpack the bits.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -18,6 +19,16 @@ DRAW_BITS = 16
 _LEVELS = 1 << DRAW_BITS
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeepBits:
+  """Dropout's mask, packed along the last axis: bit j of byte m keeps element m * lanes + j
+  (4 lanes for Threefry keys, else 2); kept elements are multiplied by `scale`."""
+  bits: jax.Array  # uint8 [..., ceil(last / lanes)]
+  lanes: int = dataclasses.field(metadata=dict(static=True))
+  scale: float = dataclasses.field(metadata=dict(static=True))
+
+
 def dropout(x, rate: float, key):
   """`x` with each element zeroed with probability `rate` and the others scaled to keep E[x].
 
@@ -26,17 +37,32 @@ def dropout(x, rate: float, key):
   key or raw uint32 key data; Threefry keys (JAX's default) draw four values per evaluation,
   other implementations (e.g. rbg) draw 32-bit words through `jax.random.bits`, two per word.
   """
+  return apply_keep_bits(x, keep_bits(key, x.shape, rate))
+
+
+def keep_bits(key, shape, rate: float) -> KeepBits | None:
+  """`dropout`'s mask for an array of `shape`, packed (None where `rate` rounds to 0)."""
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"dropout rate {rate} must be in [0, 1)")
   threshold = round(rate * _LEVELS)
   if threshold == 0:
-    return x
+    return None
   if threshold == _LEVELS:
     raise ValueError(f"dropout rate {rate} rounds to 1 at {DRAW_BITS}-bit resolution")
   with jax.named_scope("dropout"):
-    keep = _keep_mask(key, x.shape, threshold)
-    scale = _LEVELS / (_LEVELS - threshold)
-    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+    lanes = _draws(key, shape)
+    bits_M = sum((draws >= threshold).astype(jnp.uint8) << j for j, draws in enumerate(lanes))
+    return KeepBits(bits_M, len(lanes), _LEVELS / (_LEVELS - threshold))
+
+
+def apply_keep_bits(x, keep: KeepBits | None):
+  """`x` with the elements that `keep` drops zeroed and the others scaled (None: x)."""
+  if keep is None:
+    return x
+  with jax.named_scope("dropout"):
+    keep_MN = (keep.bits[..., None] & (1 << jnp.arange(keep.lanes, dtype=jnp.uint8))) != 0
+    kept = _along_last_axis(keep_MN, x.shape)
+    return jnp.where(kept, x * jnp.asarray(keep.scale, x.dtype), jnp.zeros((), x.dtype))
 
 
 def random_uint16(key, shape):
@@ -55,16 +81,6 @@ def _draws(key, shape):
   else:
     words = (jax.random.bits(key, (*lead, -(-last // 2)), jnp.uint32),)
   return [half for w in words for half in (w & (_LEVELS - 1), w >> DRAW_BITS)]
-
-
-def _keep_mask(key, shape, threshold: int):
-  """Whether each draw of `shape` is >= threshold, through a uint8 per evaluation (bit j:
-  its draw j). Each byte depends on one evaluation only, so XLA fuses the hash into the
-  kernel that writes the bytes; the readers of the mask unpack them in their own kernels."""
-  lanes = _draws(key, shape)
-  bits_M = sum((draws >= threshold).astype(jnp.uint8) << j for j, draws in enumerate(lanes))
-  keep_MN = (bits_M[..., None] & (1 << jnp.arange(len(lanes), dtype=jnp.uint8))) != 0
-  return _along_last_axis(keep_MN, shape)
 
 
 def _along_last_axis(lanes_MN, shape):

@@ -1,5 +1,6 @@
-"""The network's adaLN-modulated LayerNorm, tanh GELU and output projection, with backward
-passes that read less.
+"""The network's adaLN-modulated LayerNorm (alone, or after a residual branch joins the stream:
+`residual_layer_norm`, which can run as one Pallas kernel), tanh GELU and output projection,
+with backward passes that read less.
 
 Forward values are those of the plain formulas, op for op, except the LayerNorm's statistics
 when it is given a center (below). The passes are written so that XLA's fused step moves fewer
@@ -23,7 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-LN_EPS = 1e-5
+from bd3jax.kernels import layer_norm as layer_norm_kernel
+from bd3jax.model.dropout import KeepBits, apply_keep_bits
+
+LN_EPS = layer_norm_kernel.LN_EPS
 
 
 def _row_stats(x_BTD, center_BT1):
@@ -119,6 +123,35 @@ def modulated_layer_norm(x_BTD, weight_D, shift_B1D=None, scale_B1D=None, center
                        f"[B, T, 1] = {list(x_BTD.shape[:2] + (1,))}")
     center_BT1 = center_BT1.astype(jnp.float32)
   return _layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D, center_BT1)
+
+
+LAYER_NORMS = ("xla", "pallas")
+
+
+def residual_layer_norm(x_BTD, branch_BTD, gate_B1D, dropout_mask: KeepBits | None, weight_D,
+                        shift_B1D, scale_B1D, center_BT1, *, out_dtype,
+                        implementation: str = "xla"):
+  """(x' = x + gate * dropout(branch) in float32, `modulated_layer_norm(x')` in `out_dtype`,
+  the rows' mean): a block's residual branch joining the stream, then the next LayerNorm.
+
+  `dropout_mask`: `dropout.keep_bits`'s (None: no dropout); `gate` broadcasts to [B, 1, D].
+  `implementation`: "xla" runs the formulas above (XLA fuses them into several kernels),
+  "pallas" `kernels.layer_norm`'s kernels (one pass forward, one backward; GPU, or
+  interpreted on CPU; the statistics in two passes over registers, so `center` goes unused).
+  """
+  if implementation == "pallas":
+    zeros = jnp.zeros((1, 1, x_BTD.shape[-1]), jnp.float32)
+    mask = dropout_mask
+    dropout = {} if mask is None else dict(keep_BTM=mask.bits, lanes=mask.lanes,
+                                           drop_scale=mask.scale)
+    return layer_norm_kernel.residual_layer_norm(
+        x_BTD, branch_BTD, gate_B1D, weight_D, zeros if shift_B1D is None else shift_B1D,
+        zeros if scale_B1D is None else scale_B1D, out_dtype=out_dtype, **dropout)
+  if implementation != "xla":
+    raise ValueError(f"model.layer_norm {implementation!r} is not one of {LAYER_NORMS}")
+  x_BTD = x_BTD + gate_B1D * apply_keep_bits(branch_BTD.astype(jnp.float32), dropout_mask)
+  y_BTD, mean_BT1 = modulated_layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D, center_BT1)
+  return x_BTD, y_BTD.astype(out_dtype), mean_BT1
 
 
 def _gelu(x):

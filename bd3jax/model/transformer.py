@@ -8,6 +8,7 @@ same parameters on a few tokens against a KV cache (the "cache" collection), for
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -15,8 +16,8 @@ import jax.numpy as jnp
 
 from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model.attention import attention, cache_attention, update_kv_cache
-from bd3jax.model.dropout import dropout
-from bd3jax.model.layer_ops import gelu_tanh, linear, modulated_layer_norm
+from bd3jax.model.dropout import KeepBits, keep_bits
+from bd3jax.model.layer_ops import gelu_tanh, linear, modulated_layer_norm, residual_layer_norm
 
 TIMESTEP_DIM = 256
 ROPE_BASE = 10_000.0
@@ -36,6 +37,7 @@ class ModelConfig:
   time_conditioning: bool = False
   dtype: str = "float32"
   attention: str = "dense"
+  layer_norm: str = "xla"
 
   @property
   def head_dim(self) -> int:
@@ -58,15 +60,35 @@ def _dense(features, names, fan_in, *, use_bias=True, zero=False, axis=-1, dtype
       name=name)
 
 
+class Residual(NamedTuple):
+  """A residual branch not yet added to the stream: x + gate * dropout(branch), added by the
+  next LayerNorm (in one kernel with it where `ModelConfig.layer_norm` says so)."""
+  gate_B1D: jax.Array | float
+  branch_BTD: jax.Array
+  dropout_mask: KeepBits | None
+
+
 class LayerNorm(nn.Module):
   """Weight-only LayerNorm computed in float32 (eps 1e-5), then adaLN's modulation if given.
-  Returns the rows' mean too, to center the next LayerNorm's statistics (`layer_ops`)."""
+
+  Given a `Residual`, adds it to x first (`layer_ops.residual_layer_norm`). Returns the stream
+  x, the normalized rows in `cfg.dtype` and the rows' mean, which centers the next
+  LayerNorm's statistics (`layer_ops`).
+  """
+  cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, shift_B1D=None, scale_B1D=None, center_BT1=None):
-    weight_D = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                          (x_BTD.shape[-1],), jnp.float32)
-    return modulated_layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D, center_BT1)
+  def __call__(self, x_BTD, shift_B1D=None, scale_B1D=None, center_BT1=None,
+               residual: Residual | None = None):
+    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+    weight_D = self.param("weight", ones, (x_BTD.shape[-1],), jnp.float32)
+    dtype = jnp.dtype(self.cfg.dtype)
+    if residual is None:
+      y_BTD, mean_BT1 = modulated_layer_norm(x_BTD, weight_D, shift_B1D, scale_B1D, center_BT1)
+      return x_BTD, y_BTD.astype(dtype), mean_BT1
+    return residual_layer_norm(x_BTD, residual.branch_BTD, residual.gate_B1D, residual.dropout_mask,
+                               weight_D, shift_B1D, scale_B1D, center_BT1, out_dtype=dtype,
+                               implementation=self.cfg.layer_norm)
 
 
 def timestep_embedding(sigma_B, dim: int = TIMESTEP_DIM, max_period: float = 10_000.0):
@@ -153,15 +175,17 @@ class Block(nn.Module):
 
   With `keep`, only the first `keep` tokens go on after the keys and values: their queries
   alone attend and only their outputs are returned (the training pass's last block, whose x_0
-  half nothing reads). Returns the output and the rows' mean before the MLP branch (norm2's);
-  the next block passes it back as `center_BT1`, near its input rows' mean, so that its first
-  LayerNorm's statistics take one pass (`layer_ops.modulated_layer_norm`).
+  half nothing reads). `residual`, the previous block's MLP branch, joins x in norm1. Returns
+  the stream before this block's own MLP branch, that branch (a `Residual`, for the next
+  LayerNorm to add) and the rows' mean before it (norm2's); the next block passes the mean
+  back as `center_BT1`, near its input rows' mean, so that its first LayerNorm's statistics
+  take one pass (`layer_ops.modulated_layer_norm`).
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD, c_BC, rope, mask: AttentionMask, train: bool,
-               keep: int | None = None, center_BT1=None):
+               keep: int | None = None, center_BT1=None, residual: Residual | None = None):
     cfg = self.cfg
     d, h, k = cfg.d_model, cfg.n_heads, cfg.head_dim
     dt = jnp.dtype(cfg.dtype)
@@ -173,11 +197,11 @@ class Block(nn.Module):
     else:
       shift_msa = scale_msa = shift_mlp = scale_mlp = None
       gate_msa = gate_mlp = 1.0
-    drop = lambda x: (dropout(x, cfg.dropout, self.make_rng("dropout"))
-                      if train and cfg.dropout > 0 else x)
+    dropout_mask = lambda x: (keep_bits(self.make_rng("dropout"), x.shape, cfg.dropout)
+                              if train and cfg.dropout > 0 else None)
 
-    h_BTD, mean_BT1 = LayerNorm(name="norm1")(x_BTD, shift_msa, scale_msa, center_BT1)
-    h_BTD = h_BTD.astype(dt)
+    x_BTD, h_BTD, mean_BT1 = LayerNorm(cfg, name="norm1")(x_BTD, shift_msa, scale_msa, center_BT1,
+                                                         residual)
     qkv_BT3HK = _dense((3, h, k), ("embed", "qkv", "heads", "head_dim"), d, use_bias=False,
                        dtype=dt, name="attn_qkv")(h_BTD)
     cos_TK, sin_TK = rope  # Q = keep (default: all T) tokens go on past q, k, v
@@ -187,17 +211,16 @@ class Block(nn.Module):
       o_BQHK = self._attend_with_cache(q_BQHK, k_BTHK, v_BTHK, mask.start)
     else:
       o_BQHK = attention(q_BQHK, k_BTHK, v_BTHK, mask, cfg.attention)
-    x_BTD = x_BTD[:, :keep]
     o_BTD = _dense(d, ("heads", "head_dim", "embed"), d, use_bias=False, axis=(-2, -1), dtype=dt,
                    name="attn_out")(o_BQHK)
-    x_BTD = x_BTD + gate_msa * drop(o_BTD.astype(jnp.float32))
 
-    h_BTD, mean_BT1 = LayerNorm(name="norm2")(x_BTD, shift_mlp, scale_mlp, mean_BT1[:, :keep])
-    h_BTD = h_BTD.astype(dt)
+    x_BTD, h_BTD, mean_BT1 = LayerNorm(cfg, name="norm2")(
+        x_BTD[:, :keep], shift_mlp, scale_mlp, mean_BT1[:, :keep],
+        Residual(gate_msa, o_BTD, dropout_mask(o_BTD)))
     h_BTF = _dense(cfg.mlp_ratio * d, ("embed", "mlp"), d, dtype=dt, name="mlp_0")(h_BTD)
     h_BTF = gelu_tanh(h_BTF)
     h_BTD = _dense(d, ("mlp", "embed"), cfg.mlp_ratio * d, dtype=dt, name="mlp_2")(h_BTF)
-    return x_BTD + gate_mlp * drop(h_BTD.astype(jnp.float32)), mean_BT1
+    return x_BTD, Residual(gate_mlp, h_BTD, dropout_mask(h_BTD)), mean_BT1
 
   def _attend_with_cache(self, q_BTHK, k_BTHK, v_BTHK, start):
     """Writes the tokens' keys and values into this layer's cache, then attends over it."""
@@ -221,14 +244,14 @@ class FinalLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, c_BC, center_BT1=None, head=None):
+  def __call__(self, x_BTD, c_BC, center_BT1=None, head=None, residual: Residual | None = None):
     cfg = self.cfg
     shift = scale = None
     if cfg.adaln:
       mod_B2D = _dense(2 * cfg.d_model, ("cond", "modulation"), cfg.cond_dim, zero=True,
                        dtype=jnp.float32, name="adaLN_modulation")(c_BC)
       shift, scale = jnp.split(mod_B2D[:, None, :], 2, axis=-1)
-    x_BTD, _ = LayerNorm(name="norm_final")(x_BTD, shift, scale, center_BT1)
+    _, x_BTD, _ = LayerNorm(cfg, name="norm_final")(x_BTD, shift, scale, center_BT1, residual)
     return OutputLinear(cfg, name="linear")(x_BTD, head).astype(jnp.float32)
 
 
@@ -294,12 +317,12 @@ class DiT(nn.Module):
       positions_T = positions_for(mask)
     rope = rotary_cos_sin(positions_T, cfg.head_dim)
     x_t_only = not decoding and mask.kind is MaskKind.TRAINING  # the logits cover x_t alone
-    center_BT1 = None
+    center_BT1 = residual = None
     for i in range(cfg.n_layers):
       keep = mask.seq_len if x_t_only and i == cfg.n_layers - 1 else None
-      x_BTD, center_BT1 = Block(cfg, name=f"blocks_{i}")(x_BTD, c_BC, rope, mask, train, keep,
-                                                          center_BT1)
-    return FinalLayer(cfg, name="output_layer")(x_BTD, c_BC, center_BT1, head)
+      x_BTD, residual, center_BT1 = Block(cfg, name=f"blocks_{i}")(
+          x_BTD, c_BC, rope, mask, train, keep, center_BT1, residual)
+    return FinalLayer(cfg, name="output_layer")(x_BTD, c_BC, center_BT1, head, residual)
 
   def decode(self, tokens_BT, sigma_B, start, select_B=None):
     """Logits [B, T, V] of T tokens at absolute positions start.. (see `DecodeAt`); with
