@@ -13,8 +13,10 @@ JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 so that the plugin loads. GEMM autotuning is s
 Prints one JSON line: per kind of kernel and per part of the step (trace_summary.source of the
 kernel's op metadata; GEMMs and Pallas kernels apart) the kernel count and GB moved. A kernel
 moves its operands' bytes plus its results'; a fusion operand read only through slices counts
-the slices. Operands read in part otherwise (gathers, broadcasts in a loop) count whole, so
-the figures are upper bounds of what each kernel must move. A conditional counts as one kernel
+the slices. Operands read in part otherwise (gathers, broadcasts in a loop, Pallas kernels' block
+specs: the attention kernels read only v of the packed projection, and the dk/dv kernel writes
+two of the three slots of its aliased d qkv) count whole, so the figures are upper bounds of
+what each kernel must move. A conditional counts as one kernel
 reading its operands and writing its results; the kernels of its branches (the loss's rarely
 taken path, `diffusion.masked_log_prob_head`) are not counted.
 """

@@ -6,14 +6,16 @@
 The tests check the kernels interpreted on CPU; this checks the compiled builds where they run.
 Cases: `block_sparse_attention` (output and dq, dk, dv of sum(o * dO)) under the training and
 the block-causal masks, L' = 1, 4, 16 and L, float32 and bfloat16, head dim 64 and 128; the
-decode kernel `cache_attention` with the cache partly filled, exactly full and wrapped around,
-T = 1 to 64 queries; the fused residual LayerNorm `kernels.residual_layer_norm` (its three
-outputs and the gradients of x, branch, gate, weight, shift and scale) with and without
-dropout, D = 768 and 1024, up to 2048 rows. References: `dense_attention`,
-`dense_cache_attention` and `layer_ops.residual_layer_norm`'s XLA formulas on the same values
-in float32. Tolerances: outputs max |error| 5e-3 (float32, which Triton may run as TF32) or
-5e-2 (bfloat16); gradients max |error| / max |reference| 2e-3 or 2e-2. Prints one JSON line
-per case (the seed first) and exits with status 1 if any case fails or raises.
+decode kernel `cache_attention` with the cache partly filled, exactly full and wrapped around, T
+= 1 to 64 queries; `block_sparse.packed_attention` (output and d qkv) of a packed [B, T, 3, H,
+K] projection, all queries or the first L; the fused residual LayerNorm
+`kernels.residual_layer_norm` (its three outputs and the gradients of x, branch, gate, weight,
+shift and scale) with and without dropout, D = 768 and 1024, up to 2048 rows. References:
+`dense_attention` (after `rotary.rotary_qkv` for the packed cases), `dense_cache_attention`
+and `layer_ops.residual_layer_norm`'s XLA formulas on the same values in float32. Tolerances:
+outputs max |error| 5e-3 (float32, which Triton may run as TF32) or 5e-2 (bfloat16); gradients
+max |error| / max |reference| 2e-3 or 2e-2. Prints one JSON line per case (the seed first) and
+exits with status 1 if any case fails or raises.
 """
 
 import os
@@ -27,11 +29,12 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bd3jax.kernels import block_sparse_attention, decode  # noqa: E402
+from bd3jax.kernels import block_sparse, block_sparse_attention, decode  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
 from bd3jax.model import layer_ops  # noqa: E402
 from bd3jax.model.attention import dense_attention, dense_cache_attention  # noqa: E402
 from bd3jax.model.dropout import keep_bits  # noqa: E402
+from bd3jax.rotary import rotary_cos_sin, rotary_qkv  # noqa: E402
 
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the inputs (default: from the clock).")
 _SMALL = flags.DEFINE_bool("small", False, "Only the cases with at most 256 tokens.")
@@ -54,6 +57,13 @@ DECODE_CASES = (
     (64, 64, 64, F32, 64, 2, 2),
     (4, 1024, 2000, BF16, 128, 2, 2),
     (24, 48, 7, BF16, 64, 1, 2),
+)
+# L, L', queries Q (None: all 2L), dtype, head dim, batch, heads: the packed projection's path
+PACKED_CASES = (
+    (1024, 16, None, BF16, 64, 2, 2),
+    (1024, 16, 1024, BF16, 64, 2, 2),
+    (128, 4, None, F32, 128, 1, 2),
+    (64, 1, 64, F32, 64, 2, 2),
 )
 # batch, rows T, D, branch and output dtype, dropout rate
 LAYER_NORM_CASES = (
@@ -89,6 +99,16 @@ def main(argv):
     record = {"kernel": "decode", "queries": t, "slots": slots, "end": end,
               "dtype": jnp.dtype(dtype).name, "head_dim": head_dim}
     records.append(_check(record, dtype, lambda: _decode_errors(q, *cache, end)))
+  for length, block_size, queries, dtype, head_dim, batch, heads in PACKED_CASES:
+    mask = AttentionMask(MaskKind.TRAINING, length, block_size)
+    if _SMALL.value and mask.num_tokens > 256:
+      continue
+    qkv = normal((batch, mask.num_tokens, 3, heads, head_dim), dtype)
+    do = normal((batch, queries or mask.num_tokens, heads, head_dim), dtype)
+    record = {"kernel": "packed", "mask": mask.kind.value, "length": length,
+              "block_size": block_size, "queries": queries, "dtype": jnp.dtype(dtype).name,
+              "head_dim": head_dim}
+    records.append(_check(record, dtype, lambda: _packed_errors(mask, queries, qkv, do)))
   for batch, t, d, dtype, rate in LAYER_NORM_CASES:
     if _SMALL.value and t > 256:
       continue
@@ -134,6 +154,24 @@ def _attention_errors(mask, inputs):
 def _decode_errors(q, k, v, end):
   o_ref = dense_cache_attention(q.astype(F32), k.astype(F32), v.astype(F32), end)
   return {"max_abs_err": _max_err(jax.jit(decode.cache_attention)(q, k, v, end), o_ref)}
+
+
+def _packed_errors(mask, queries, qkv, do):
+  q = queries or mask.num_tokens
+  cos, sin = rotary_cos_sin(jnp.arange(mask.num_tokens) % mask.seq_len, qkv.shape[-1])
+
+  def dense(qkv):
+    return dense_attention(*rotary_qkv(qkv, cos, sin, q), mask.dense()[:q])
+  kernel = lambda qkv: block_sparse.packed_attention(qkv, cos, sin, mask, queries)
+
+  def value_and_grad(attend, qkv, do):
+    o, vjp = jax.vjp(attend, qkv)
+    return o, vjp(do)[0]
+  o_ref, dqkv_ref = jax.jit(lambda *a: value_and_grad(dense, *a))(qkv.astype(F32), do.astype(F32))
+  o, dqkv = jax.jit(lambda *a: value_and_grad(kernel, *a))(qkv, do)
+  return {"max_abs_err": _max_err(o, o_ref),
+          "grad_rel_err": max(_max_err(dqkv[:, :, i], dqkv_ref[:, :, i]) /
+                              float(jnp.abs(dqkv_ref[:, :, i]).max()) for i in range(3))}
 
 
 def _layer_norm_errors(inputs, mask, cotangents, dtype):

@@ -4,13 +4,14 @@
   python benchmarks/kernel_resources.py                    # head dim 64/128, bf16/f32, sm_90
   python benchmarks/kernel_resources.py --tiles=64x64,128x64 --num_warps=4,8 --dtypes=bfloat16
 
-For each (head dim, dtype, tiles, warps) the forward, dq and dk/dv kernels are lowered to
-Triton IR for CUDA exactly as `jax.jit` would on a GPU (`block_sparse_attention` at batch 1,
-one head, the training mask of `--length`/`--block_size`), and for each (head dim, dtype,
-warps) the sampler's KV-cache kernel (`kernels/decode.py`: `--block_size` queries over a cache
-of `--length` slots, default tiles), and for each dtype the fused residual LayerNorm's forward
-and backward kernels (`kernels/layer_norm.py`, with dropout, over 2L rows of `--d_model`, the
-branch in that dtype); each is compiled to a cubin for `--sm` by the `triton`
+For each (head dim, dtype, tiles, warps) the forward, dq and dk/dv kernels are lowered to Triton
+IR for CUDA exactly as `jax.jit` would on a GPU (`block_sparse_attention` at batch 1, one head,
+the training mask of `--length`/`--block_size`), for each (head dim, dtype) those of the
+training step's `packed_attention` (default launches: "packed_fwd", ...), for each (head dim,
+dtype, warps) the sampler's KV-cache kernel (`kernels/decode.py`: `--block_size` queries over a
+cache of `--length` slots, default tiles), and for each dtype the fused residual LayerNorm's
+forward and backward kernels (`kernels/layer_norm.py`, with dropout, over 2L rows of
+`--d_model`, the branch in that dtype); each is compiled to a cubin for `--sm` by the `triton`
 package and described by cuobjdump's resource usage and SASS. One JSON line each:
 registers per thread, stack_bytes and local_bytes (register spills: anything above 0 costs
 memory traffic in the inner loop), shared_bytes (Triton's dynamic shared memory; 227 KiB is an
@@ -38,6 +39,7 @@ from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
 from benchmarks import common  # noqa: E402
 from bd3jax.kernels import block_sparse, decode, layer_norm, platform  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
+from bd3jax.rotary import rotary_cos_sin  # noqa: E402
 
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dimensions K.")
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "q, k, v dtypes.")
@@ -79,6 +81,24 @@ def triton_modules(mask, head_dim, dtype, block_q, block_k, num_warps) -> list[s
   attend = lambda q, k, v: block_sparse.block_sparse_attention(
       q, k, v, mask, block_q=block_q, block_k=block_k, num_warps=num_warps, interpret=False)
   modules = lowered_triton(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q), x, x, x)
+  if len(modules) != len(KERNELS):
+    raise RuntimeError(f"expected {len(KERNELS)} Triton kernels, lowered {len(modules)}")
+  return modules
+
+
+def packed_modules(mask, head_dim, dtype, queries: int | None = None) -> list[str]:
+  """Triton IR text of the forward, dq and dk/dv kernels of `block_sparse.packed_attention`
+  (the training step's path: v read from the packed projection, the rotary's backward in the
+  backward kernels) for the first `queries` queries (default all), default launches."""
+  qkv = jax.ShapeDtypeStruct((1, mask.num_tokens, 3, 1, head_dim), dtype)
+  cos, sin = rotary_cos_sin(jnp.arange(mask.num_tokens) % mask.seq_len, head_dim)
+  attend = lambda qkv: block_sparse.packed_attention(qkv, cos, sin, mask, queries,
+                                                     interpret=False)
+
+  def forward_and_backward(qkv):
+    o, vjp = jax.vjp(attend, qkv)
+    return vjp(o)
+  modules = lowered_triton(forward_and_backward, qkv)
   if len(modules) != len(KERNELS):
     raise RuntimeError(f"expected {len(KERNELS)} Triton kernels, lowered {len(modules)}")
   return modules
@@ -163,6 +183,10 @@ def main(argv):
           for kernel, module in zip(KERNELS, modules):
             emit(kernel, module, head_dim=head_dim, dtype=dtype, block_q=block_q,
                  block_k=block_k, num_warps=warps)
+      warps = block_sparse.default_num_warps(head_dim, dtype)
+      for kernel, module in zip(KERNELS, packed_modules(mask, head_dim, jnp.dtype(dtype))):
+        emit(f"packed_{kernel}", module, head_dim=head_dim, dtype=dtype,
+             block_q=block_sparse.BLOCK_Q, block_k=block_sparse.BLOCK_K, num_warps=warps)
       for warps in warp_counts:
         module, cfg = decode_module(_BLOCK_SIZE.value, _LENGTH.value, head_dim, jnp.dtype(dtype),
                                     warps)

@@ -28,8 +28,9 @@ from bd3jax import metrics, parallel, run, train  # noqa: E402
 from bd3jax.data import demo_documents  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
 from bd3jax.model import layer_ops  # noqa: E402
-from bd3jax.model.attention import attention  # noqa: E402
+from bd3jax.model.attention import attention, qkv_attention  # noqa: E402
 from bd3jax.model.dropout import keep_bits  # noqa: E402
+from bd3jax.rotary import rotary_cos_sin  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]   # (data, fsdp, tensor)
 BATCH, STEPS, VOCAB = 8, 3, 64
@@ -154,6 +155,7 @@ def check_kernels() -> dict:
                            "max_operand_size": max(sizes, default=0)}
 
   out["layer_norm"] = check_layer_norm_kernel(mesh)
+  out["packed"] = check_packed_attention(mesh)
 
   dense = train.Task.from_config(tiny(), VOCAB, VOCAB - 1)
   config = tiny()
@@ -165,6 +167,35 @@ def check_kernels() -> dict:
   out["train_step"] = {"dense_unsharded": unsharded_steps(dense, batches)[0],
                        "pallas_sharded": sharded_steps(pallas, batches, (2, 2, 2))[0]}
   return out
+
+
+def check_packed_attention(mesh) -> dict:
+  """`qkv_attention` with "pallas" (`block_sparse.packed_attention`) on `mesh` (qkv batch- and
+  head-sharded) against "dense" on one device: output and d qkv for all 2L queries and for the
+  first L (the dq kernel's zeroed buffer), and the largest kernel operand."""
+  mask = AttentionMask(MaskKind.TRAINING, 64, 16)   # T = 128: the default 64-row tiles divide
+  keys = jax.random.split(jax.random.key(2), 3)
+  qkv = jax.random.normal(keys[0], (4, 128, 3, 4, 16))
+  cos, sin = rotary_cos_sin(jnp.arange(128) % 64, 16)
+  diffs, sizes = [], []
+  for queries in (None, 64):
+    do = jax.random.normal(keys[1], (4, queries or 128, 4, 16))
+
+    def value_and_grad(implementation, qkv, do):
+      attend = lambda qkv: qkv_attention(qkv, cos, sin, mask, implementation, queries)
+      o, vjp = jax.vjp(attend, qkv)
+      return o, vjp(do)
+
+    ref = jax.jit(functools.partial(value_and_grad, "dense"))(qkv, do)
+    fn = jax.jit(functools.partial(value_and_grad, "pallas"))
+    with jax.set_mesh(mesh):
+      placed = [jax.device_put(qkv, NamedSharding(mesh, P(("data", "fsdp"), None, None,
+                                                          "tensor"))),
+                jax.device_put(do, NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")))]
+      diffs.append(max_abs_diff(fn(*placed), ref))
+      sizes += kernel_operand_sizes(jax.make_jaxpr(fn)(*placed).jaxpr)
+  return {"max_abs_diff": max(diffs), "max_operand_size": max(sizes, default=0),
+          "qkv_size": qkv.size}
 
 
 def check_layer_norm_kernel(mesh) -> dict:

@@ -19,6 +19,7 @@ from bd3jax.kernels import block_sparse, decode, platform, splash_attention, til
 from bd3jax.kernels.block_sparse import block_sparse_attention
 from bd3jax.masks import AttentionMask, MaskKind, Tile, tile_map
 from bd3jax.model.attention import attention, dense_attention, dense_cache_attention
+from bd3jax.rotary import rotary_cos_sin, rotary_qkv
 
 TRAINING, BLOCK_CAUSAL, FULL = MaskKind.TRAINING, MaskKind.BLOCK_CAUSAL, MaskKind.FULL
 
@@ -139,6 +140,54 @@ def test_first_queries_match_the_dense_rows(kind, seq_len, block_size, queries, 
   for implementation in ("dense", "xla"):  # the dispatcher's other paths take a prefix too
     o_impl = attention(q, k, v, mask, implementation)
     assert o_impl.shape == q.shape and relative_error(o_impl, o_ref) < tolerance
+
+
+# (mask kind, L, L', queries Q or None (all T), dtype, head dim, tile): the packed projection's
+# path, Q < T (the dq kernel zeroes the other rows of slot 0) and a padded T (the fallback).
+PACKED_CASES = [
+    (TRAINING, 16, 1, None, jnp.float32, 64, 8),
+    (TRAINING, 16, 4, 16, jnp.bfloat16, 64, 8),
+    (TRAINING, 32, 16, None, jnp.bfloat16, 128, 16),
+    (TRAINING, 16, 16, 16, jnp.float32, 64, 8),
+    (TRAINING, 16, 4, 12, jnp.float32, 64, 8),          # Q = 12: padded, so unpacked
+    (BLOCK_CAUSAL, 32, 4, None, jnp.float32, 64, 8),
+    (BLOCK_CAUSAL, 31, 1, None, jnp.bfloat16, 64, 8),  # T = 31: padded, so q, k, v unpacked
+]
+
+
+@pytest.mark.parametrize("kind,seq_len,block_size,queries,dtype,head_dim,tile", PACKED_CASES)
+def test_packed_attention_matches_rotary_then_dense(monkeypatch, kind, seq_len, block_size,
+                                                    queries, dtype, head_dim, tile):
+  """`packed_attention` of qkv [B, T, 3, H, K] against rotary q, k then dense attention: the
+  output and d qkv (the rotary's backward inside the backward kernels)."""
+  monkeypatch.setattr(block_sparse, "BLOCK_Q", tile)
+  monkeypatch.setattr(block_sparse, "BLOCK_K", tile)
+  mask = AttentionMask(kind, seq_len, block_size)
+  t = mask.num_tokens
+  q = t if queries is None else queries
+  keys = jax.random.split(jax.random.key(seq_len + block_size + q), 2)
+  qkv = jax.random.normal(keys[0], (2, t, 3, 2, head_dim)).astype(dtype)
+  do = jax.random.normal(keys[1], (2, q, 2, head_dim)).astype(dtype)
+  cos, sin = rotary_cos_sin(jnp.arange(t) % seq_len, head_dim)
+
+  def reference(qkv):
+    return dense_attention(*rotary_qkv(qkv, cos, sin, q), mask.dense()[:q])
+
+  packed = lambda qkv: block_sparse.packed_attention(qkv, cos, sin, mask, queries)
+  o, vjp = jax.vjp(packed, qkv)
+  (dqkv,) = vjp(do)
+  o_ref, vjp_ref = jax.vjp(reference, qkv.astype(jnp.float32))
+  (dqkv_ref,) = vjp_ref(do.astype(jnp.float32))
+  assert o.shape == (2, q, 2, head_dim) and dqkv.shape == qkv.shape and dqkv.dtype == dtype
+  tolerance, grad_tolerance = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1.5e-2)
+  assert relative_error(o, o_ref) < tolerance
+  for slot in range(3):
+    assert relative_error(dqkv[:, :, slot], dqkv_ref[:, :, slot]) < grad_tolerance
+  assert not np.asarray(dqkv[:, q:, 0], np.float32).any()   # no query, no gradient
+  aliased = [eqn for eqn in jax_helpers.equations(jax.make_jaxpr(vjp)(do).jaxpr)
+             if eqn.primitive.name == "pallas_call" and eqn.params["input_output_aliases"]]
+  packed_path = not (t % tile or q % tile)
+  assert len(aliased) == (1 + (q < t) if packed_path else 0)   # dk/dv into dq's buffer
 
 
 def test_every_output_element_is_written():
@@ -374,6 +423,11 @@ def test_kernel_resources_captures_the_triton_kernels():
     assert f"tt.func public @{name}(" in module
     assert module.count("scf.for") == 2
     assert module.count("tt.dot ") == 2 * dots
+  for queries in (None, 64):   # all 2L queries; the x_t half (dq into a zeroed d qkv)
+    packed = kernel_resources.packed_modules(AttentionMask(TRAINING, 64, 16), 64,
+                                             jnp.dtype(jnp.bfloat16), queries)
+    for module, name, dots in zip(packed, names, (2, 3, 4)):   # same loops, other epilogues
+      assert f"tt.func public @{name}(" in module and module.count("tt.dot ") == 2 * dots
   module, cfg = kernel_resources.decode_module(16, 1024, 64, jnp.dtype(jnp.bfloat16), 4)
   assert "tt.func public @bd3_cache_attention(" in module and (cfg.block_q, cfg.block_k) == (16, 64)
   assert module.count("scf.for") == 1 and module.count("tt.dot ") == 2  # one loop, 2 matmuls

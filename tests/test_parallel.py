@@ -70,6 +70,12 @@ def test_kernels_run_on_each_devices_shard(multidevice, implementation):
   assert got["max_operand_size"] == kernels["q_size"] // 8
 
 
+def test_packed_attention_runs_on_each_devices_shard(multidevice):
+  got = multidevice["kernels"]["packed"]
+  assert got["max_abs_diff"] < 1e-5   # output and d qkv against dense attention, Q = T and L
+  assert got["max_operand_size"] == got["qkv_size"] // 8   # batch / (2 x 2), heads / 2
+
+
 def test_fused_layer_norm_runs_on_each_devices_shard(multidevice):
   got = multidevice["kernels"]["layer_norm"]
   assert got["max_abs_diff"] < 1e-5   # outputs and gradients against the XLA formulas

@@ -1,4 +1,5 @@
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,9 @@ from bd3jax.kernels import platform
 from bd3jax.masks import AttentionMask, MaskKind
 from bd3jax.model import dense_attention, transformer
 from bd3jax.model.transformer import DiT, init_cache
+
+# the module (the package exports its function under the same name)
+attention_lib = importlib.import_module("bd3jax.model.attention")
 
 BOS, EOS = 0, 5
 L, LB = 32, 4
@@ -305,7 +309,8 @@ def test_cached_logits_equal_a_full_recompute_at_every_step(kind, attention, mon
       "sliding_window": sampling.SamplerConfig(length=L, block_size=LB, steps=2, context=12),
   }[kind]
   if kind == "sliding_window":
-    monkeypatch.setattr(transformer, "attention", banded_attention(3, LB))
+    # the full recompute's attention (the cached network decodes through cache_attention)
+    monkeypatch.setattr(attention_lib, "attention", banded_attention(3, LB))
   model, params = model_and_params(ar)
   cached_model = tiny_model(adaln=not ar, attention=attention)
   network = CheckedNetwork(sampling.CachedNetwork(cached_model, params, cfg.cache_size),

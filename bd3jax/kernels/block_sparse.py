@@ -26,6 +26,11 @@ powers of two (Triton); T is padded to a multiple of every tile size in use
 Warps: `default_num_warps`. At the reference shape on an H200 (bf16, head dim 64) these
 defaults, with `NUM_STAGES`, were the fastest of eight settings forward and backward, each
 setting shared by the three kernels (README; benchmarks/attention.py --pallas).
+`packed_attention(qkv_BT3HK, cos_TK, sin_TK, mask, queries)` is the training step's entry: the
+model's packed projection [B, T, 3, H, K] with the rotary applied to q and k (by XLA). Its
+kernels read v in place, and the backward kernels apply the rotary's backward to dq and dk in
+their epilogues and write one d qkv: the dq kernel slot 0, the dk/dv kernel slots 1 and 2 of the
+dq kernel's output (aliased); so nothing copies v out of the projection nor assembles d qkv.
 On GPU the kernels lower through Triton (float32 matmuls there may run as TF32); on CPU they run
 interpreted.
 """
@@ -42,6 +47,7 @@ from jax.experimental.pallas import triton as plgpu
 from bd3jax.kernels import platform
 from bd3jax.kernels.tiles import kernel_tiles, round_up, visible
 from bd3jax.masks import AttentionMask
+from bd3jax.rotary import rotary_backward, rotary_qkv
 
 BLOCK_Q = 64
 BLOCK_K = 64
@@ -196,6 +202,51 @@ def _attention_bwd(cfg, residuals, do_BQHK):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def packed_attention(qkv_BT3HK, cos_TK, sin_TK, mask: AttentionMask, queries: int | None = None,
+                     *, interpret: bool | None = None):
+  """`block_sparse_attention` of `rotary.rotary_qkv(qkv_BT3HK, cos_TK, sin_TK, queries)`: the
+  rotary q (first `queries` rows, default all T), the rotary k and v of one packed projection
+  [B, T, 3, H, K], with the default launches. Differentiable in qkv only (cos and sin [T, K]
+  are constants).
+
+  The forward kernel reads v in place, and the gradient, d qkv, is written by the backward
+  kernels into one [B, T, 3, H, K] array, the rotary's backward applied in their epilogues:
+  no copy of v, and no pass assembling dq, dk and dv. Where the tiles do not divide T or Q
+  (they would be padded) it runs `block_sparse_attention` on the unpacked arrays instead.
+  """
+  b, t, _, h, d = qkv_BT3HK.shape
+  q = t if queries is None else queries
+  shape = lambda rows: jax.ShapeDtypeStruct((b, rows, h, d), qkv_BT3HK.dtype)
+  cfg = kernel_config(shape(q), shape(t), shape(t), mask, interpret=interpret)
+  if (cfg.num_tokens, cfg.num_queries) != (t, q):
+    return block_sparse_attention(*rotary_qkv(qkv_BT3HK, cos_TK, sin_TK, q), mask,
+                                  interpret=interpret)
+  return _packed(qkv_BT3HK, cos_TK.astype(jnp.float32), sin_TK.astype(jnp.float32), cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _packed(qkv_BT3HK, cos_TK, sin_TK, cfg: KernelConfig):
+  return _packed_fwd(qkv_BT3HK, cos_TK, sin_TK, cfg)[0]
+
+
+def _packed_fwd(qkv_BT3HK, cos_TK, sin_TK, cfg):
+  q_BQHK, k_BTHK, _ = rotary_qkv(qkv_BT3HK, cos_TK, sin_TK, cfg.num_queries)
+  o_BQHK, lse2_BHQ = forward(q_BQHK, k_BTHK, qkv_BT3HK, cfg)
+  # The rotary q and k are kept, and the whole projection (for v): recomputing q and k in the
+  # backward pass would keep a third of this memory but read and write them once more.
+  return o_BQHK, (q_BQHK, k_BTHK, qkv_BT3HK, o_BQHK, lse2_BHQ, cos_TK, sin_TK)
+
+
+def _packed_bwd(cfg, residuals, do_BQHK):
+  q_BQHK, k_BTHK, qkv_BT3HK, o_BQHK, lse2_BHQ, cos_TK, sin_TK = residuals
+  dqkv_BT3HK = packed_backward(q_BQHK, k_BTHK, qkv_BT3HK, o_BQHK, lse2_BHQ, do_BQHK, cos_TK,
+                               sin_TK, cfg)
+  return dqkv_BT3HK, None, None
+
+
+_packed.defvjp(_packed_fwd, _packed_bwd)
+
+
 def _visit(counts_ref, index_ref, body, carry):
   """carry = body(tile, masked, carry) over the listed full tiles, then the partial ones."""
   n_full, n_partial = counts_ref[0], counts_ref[1]
@@ -262,8 +313,14 @@ def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse2_ref,
   lse2_ref[...] = m_Q + jnp.log2(l_Q)
 
 
-def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, o_ref, dq_ref,
-               delta_ref, *, cfg):
+def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, o_ref, *refs, cfg,
+               packed=False, aliased=False):
+  # packed: refs start with cos and sin (this tile's rows), then, if aliased, the dqkv buffer
+  # passed in; dq_ref is then slot 0 of dqkv.
+  cos_ref = sin_ref = None
+  if packed:
+    cos_ref, sin_ref, *refs = refs
+  dq_ref, delta_ref = refs[1:] if aliased else refs
   bq, bk = cfg.dq.block_q, cfg.dq.block_k
   q_QD, do_QD, lse2_Q = q_ref[...], do_ref[...], lse2_ref[...]
   delta_Q = jnp.sum(o_ref[...].astype(jnp.float32) * do_QD.astype(jnp.float32), axis=-1)
@@ -279,11 +336,15 @@ def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, o_r
     return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, preferred_element_type=jnp.float32)
 
   dq_QD = _visit(counts_ref, index_ref, body, jnp.zeros(q_QD.shape, jnp.float32))
-  dq_ref[...] = (dq_QD * q_QD.shape[-1] ** -0.5).astype(dq_ref.dtype)
+  dq_QD = dq_QD * q_QD.shape[-1] ** -0.5
+  if packed:
+    dq_QD = rotary_backward(dq_QD, cos_ref[...], sin_ref[...])
+  dq_ref[...] = dq_QD.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
-                dk_ref, dv_ref, *, cfg):
+                *refs, cfg, packed=False):
+  # packed: refs = cos, sin (this tile's rows), the aliased dqkv buffer, dqkv (all 3 slots).
   bq, bk = cfg.dkv.block_q, cfg.dkv.block_k
   k_KD, v_KD = k_ref[...], v_ref[...]
   k_pos_K = tile_positions(pl.program_id(2), bk)
@@ -302,8 +363,15 @@ def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, de
 
   zeros_KD = jnp.zeros(k_KD.shape, jnp.float32)
   dk_KD, dv_KD = _visit(counts_ref, index_ref, body, (zeros_KD, zeros_KD))
-  dk_ref[...] = (dk_KD * k_KD.shape[-1] ** -0.5).astype(dk_ref.dtype)
-  dv_ref[...] = dv_KD.astype(dv_ref.dtype)
+  dk_KD = dk_KD * k_KD.shape[-1] ** -0.5
+  if packed:
+    cos_ref, sin_ref, _, dqkv_ref = refs  # the dqkv buffer passed in, and it again as output
+    dqkv_ref[:, 1, :] = rotary_backward(dk_KD, cos_ref[...], sin_ref[...]).astype(dqkv_ref.dtype)
+    dqkv_ref[:, 2, :] = dv_KD.astype(dqkv_ref.dtype)
+  else:
+    dk_ref, dv_ref = refs
+    dk_ref[...] = dk_KD.astype(dk_ref.dtype)
+    dv_ref[...] = dv_KD.astype(dv_ref.dtype)
 
 
 def _tile(block, d):
@@ -336,13 +404,13 @@ def _list_args(lists):
 
 
 def call_kernel(kernel, grid, in_specs, out_specs, out_shape, name, *, num_warps: int,
-                interpret: bool, num_stages: int = NUM_STAGES):
+                interpret: bool, num_stages: int = NUM_STAGES, input_output_aliases=None):
   """`pl.pallas_call` with this package's Triton settings (warps, pipelining stages)."""
   params = None if interpret else plgpu.CompilerParams(num_warps=num_warps,
                                                        num_stages=num_stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, interpret=interpret, compiler_params=params,
-                        name=name)
+                        name=name, input_output_aliases=input_output_aliases or {})
 
 
 def _call(kernel, cfg, launch: Launch, grid, in_specs, out_specs, out_shape, name):
@@ -351,16 +419,26 @@ def _call(kernel, cfg, launch: Launch, grid, in_specs, out_specs, out_shape, nam
                      interpret=cfg.interpret)
 
 
+def _v_spec(v, block, d, index):
+  """BlockSpec of `block` rows of v: a [B, T, H, K] array, or slot 2 of a packed [B, T, 3, H, K]
+  projection (read in place); `index(n)` is the row block of program n."""
+  if v.ndim == 5:
+    return pl.BlockSpec((None, block, None, None, d), lambda b, h, n: (b, index(n), 2, h, 0))
+  return pl.BlockSpec((None, block, None, d), lambda b, h, n: (b, index(n), h, 0))
+
+
 def forward(q_BQHK, k_BTHK, v_BTHK, cfg: KernelConfig):
   """(o_BQHK, lse2_BHQ): the output and float32 log-sum-exp in base 2 (the natural one times
-  log2 e); Q and T already cfg.num_queries and cfg.num_tokens."""
+  log2 e); Q and T already cfg.num_queries and cfg.num_tokens. v may be the packed projection
+  (`_v_spec`)."""
   b, q, h, d = q_BQHK.shape
   f = cfg.forward
   rows, _ = kernel_tiles(cfg.mask, cfg.num_tokens, f.block_q, f.block_k, q)
   q_tile, kv_whole = _tile(f.block_q, d), _whole(cfg.num_tokens, d)
+  v_whole = _v_spec(v_BTHK, cfg.num_tokens, d, lambda n: 0)
   return _call(
       _forward_kernel, cfg, f, (b, h, q // f.block_q),
-      [*_list_specs(rows), q_tile, kv_whole, kv_whole], [q_tile, _row_tile(f.block_q)],
+      [*_list_specs(rows), q_tile, kv_whole, v_whole], [q_tile, _row_tile(f.block_q)],
       [jax.ShapeDtypeStruct(q_BQHK.shape, q_BQHK.dtype),
        jax.ShapeDtypeStruct((b, h, q), jnp.float32)],
       "bd3_attention_fwd")(*_list_args(rows), q_BQHK, k_BTHK, v_BTHK)
@@ -393,3 +471,50 @@ def backward(q_BQHK, k_BTHK, v_BTHK, o_BQHK, lse2_BHQ, do_BQHK, cfg: KernelConfi
        jax.ShapeDtypeStruct(v_BTHK.shape, v_BTHK.dtype)],
       "bd3_attention_dkv")(*_list_args(cols), *args)
   return dq_BQHK, dk_BTHK, dv_BTHK
+
+
+def _rope_tile(block, d):
+  """BlockSpec of the [block, K] rows of cos or sin [T, K] of program n's tile."""
+  return pl.BlockSpec((block, d), lambda b, h, n: (n, 0))
+
+
+def packed_backward(q_BQHK, k_BTHK, qkv_BT3HK, o_BQHK, lse2_BHQ, do_BQHK, cos_TK, sin_TK,
+                    cfg: KernelConfig):
+  """d qkv [B, T, 3, H, K] of `packed_attention`: the dq kernel writes slot 0 (its rows; the
+  others zero when Q < T), the dk/dv kernel slots 1 and 2 of the same buffer, each through
+  the rotary's backward in its epilogue where the slot needs it."""
+  batch, q, heads, d = q_BQHK.shape
+  t = cfg.num_tokens
+  do_BQHK = do_BQHK.astype(q_BQHK.dtype)
+  dqkv_shape = jax.ShapeDtypeStruct(qkv_BT3HK.shape, qkv_BT3HK.dtype)
+  aliased = q < t   # then rows >= Q of slot 0 must read zero: the kernel starts from zeros
+  buffer = [jnp.zeros_like(qkv_BT3HK)] if aliased else []
+
+  bq = cfg.dq.block_q
+  rows, _ = kernel_tiles(cfg.mask, t, bq, cfg.dq.block_k, q)
+  q_tile, row_tile = _tile(bq, d), _row_tile(bq)
+  slot0 = pl.BlockSpec((None, bq, None, None, d), lambda b, h, n: (b, n, 0, h, 0))
+  dq_call = call_kernel(
+      functools.partial(_dq_kernel, cfg=cfg, packed=True, aliased=aliased), (batch, heads, q // bq),
+      [*_list_specs(rows), q_tile, _whole(t, d), _v_spec(qkv_BT3HK, t, d, lambda n: 0), q_tile,
+       row_tile, q_tile, _rope_tile(bq, d), _rope_tile(bq, d), *[slot0] * aliased],
+      [slot0, row_tile], [dqkv_shape, jax.ShapeDtypeStruct((batch, heads, q), jnp.float32)],
+      "bd3_attention_dq", num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
+      interpret=cfg.interpret, input_output_aliases={10: 0} if aliased else {})
+  dqkv_BT3HK, delta_BHQ = dq_call(*_list_args(rows), q_BQHK, k_BTHK, qkv_BT3HK, do_BQHK, lse2_BHQ,
+                                  o_BQHK, cos_TK[:q], sin_TK[:q], *buffer)
+
+  bk = cfg.dkv.block_k
+  _, cols = kernel_tiles(cfg.mask, t, cfg.dkv.block_q, bk, q)
+  k_tile, q_whole, row_whole = _tile(bk, d), _whole(q, d), _row_whole(q)
+  # All three slots of the program's rows; the kernel stores into slots 1 and 2 only (a [bk, 3,
+  # K] block is never loaded whole: Triton tensors have power-of-two sizes).
+  slots = pl.BlockSpec((None, bk, 3, None, d), lambda b, h, n: (b, n, 0, h, 0))
+  return call_kernel(
+      functools.partial(_dkv_kernel, cfg=cfg, packed=True), (batch, heads, t // bk),
+      [*_list_specs(cols), q_whole, k_tile, _v_spec(qkv_BT3HK, bk, d, lambda n: n), q_whole,
+       row_whole, row_whole, _rope_tile(bk, d), _rope_tile(bk, d), slots],
+      slots, dqkv_shape, "bd3_attention_dkv", num_warps=cfg.dkv.num_warps,
+      num_stages=cfg.dkv.num_stages, interpret=cfg.interpret, input_output_aliases={10: 0})(
+          *_list_args(cols), q_BQHK, k_BTHK, qkv_BT3HK, do_BQHK, lse2_BHQ, delta_BHQ, cos_TK,
+          sin_TK, dqkv_BT3HK)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from bd3jax.kernels import (block_sparse, block_sparse_attention, decode, platform, sharding,
                             splash_attention)
 from bd3jax.masks import AttentionMask
+from bd3jax.rotary import rotary_qkv
 
 IMPLEMENTATIONS = ("dense", "xla", "cudnn", "pallas", "splash", "auto")
 
@@ -49,6 +50,21 @@ def dense_attention(q_BTHK, k_BSHK, v_BSHK, mask_TS):
   return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
 
 
+def qkv_attention(qkv_BT3HK, cos_TK, sin_TK, mask: AttentionMask, implementation: str = "dense",
+                  queries: int | None = None):
+  """`attention` of the rotary q (first `queries` rows; default all T), rotary k and v of one
+  packed projection [B, T, 3, H, K] (`rotary.apply_rotary` with cos and sin [T, K]). `pallas`
+  takes the packed array itself (`block_sparse.packed_attention`: v read in place, d qkv
+  written by its backward kernels); the others get q, k and v."""
+  if implementation == "auto":
+    implementation = _auto(qkv_BT3HK.dtype, qkv_BT3HK.shape[-1])
+  if implementation == "pallas":
+    kernel = functools.partial(block_sparse.packed_attention, mask=mask, queries=queries)
+    return sharding.per_shard(kernel, [qkv_BT3HK, cos_TK, sin_TK],
+                              [_PACKED_NAMES, None, None], [_QKV_NAMES])
+  return attention(*rotary_qkv(qkv_BT3HK, cos_TK, sin_TK, queries), mask, implementation)
+
+
 def attention(q_BQHK, k_BTHK, v_BTHK, mask: AttentionMask, implementation: str = "dense"):
   """Attention over the T = mask.num_tokens tokens under a BD3 mask, for the first Q <= T of
   them (q's rows: all T, or e.g. the x_t half when only its outputs are needed)."""
@@ -67,6 +83,7 @@ def attention(q_BQHK, k_BTHK, v_BTHK, mask: AttentionMask, implementation: str =
 
 
 _QKV_NAMES = ("batch", None, "heads", None)
+_PACKED_NAMES = ("batch", None, None, "heads", None)
 
 
 def _per_shard(kernel, q_BQHK, k_BTHK, v_BTHK):

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from bd3jax.masks import AttentionMask, MaskKind
-from bd3jax.model.attention import attention, cache_attention, update_kv_cache
+from bd3jax.model.attention import cache_attention, qkv_attention, update_kv_cache
 from bd3jax.model.dropout import KeepBits, keep_bits
 from bd3jax.model.layer_ops import gelu_tanh, linear, modulated_layer_norm, residual_layer_norm
+from bd3jax.rotary import rotary_cos_sin, rotary_qkv
 
 TIMESTEP_DIM = 256
-ROPE_BASE = 10_000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,23 +97,6 @@ def timestep_embedding(sigma_B, dim: int = TIMESTEP_DIM, max_period: float = 10_
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args_BF = sigma_B.astype(jnp.float32)[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
-
-
-def rotary_cos_sin(positions_T, head_dim: int):
-  """cos, sin of shape [T, head_dim] for the rotate-half form (frequencies repeated)."""
-  inv_freq = 1.0 / ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  freqs_TF = positions_T.astype(jnp.float32)[:, None] * inv_freq[None]
-  emb_TK = jnp.concatenate([freqs_TF, freqs_TF], axis=-1)
-  return jnp.cos(emb_TK), jnp.sin(emb_TK)
-
-
-def apply_rotary(x_BTHK, cos_TK, sin_TK):
-  """NeoX rotate-half rotary embedding, computed in float32."""
-  x = x_BTHK.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  out = x * cos_TK[None, :, None] + rotated * sin_TK[None, :, None]
-  return out.astype(x_BTHK.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,13 +187,11 @@ class Block(nn.Module):
                                                          residual)
     qkv_BT3HK = _dense((3, h, k), ("embed", "qkv", "heads", "head_dim"), d, use_bias=False,
                        dtype=dt, name="attn_qkv")(h_BTD)
-    cos_TK, sin_TK = rope  # Q = keep (default: all T) tokens go on past q, k, v
-    q_BQHK = apply_rotary(qkv_BT3HK[:, :keep, 0], cos_TK[:keep], sin_TK[:keep])
-    k_BTHK, v_BTHK = apply_rotary(qkv_BT3HK[:, :, 1], cos_TK, sin_TK), qkv_BT3HK[:, :, 2]
+    cos_TK, sin_TK = rope
     if isinstance(mask, DecodeAt):
-      o_BQHK = self._attend_with_cache(q_BQHK, k_BTHK, v_BTHK, mask.start)
-    else:
-      o_BQHK = attention(q_BQHK, k_BTHK, v_BTHK, mask, cfg.attention)
+      o_BQHK = self._attend_with_cache(*rotary_qkv(qkv_BT3HK, cos_TK, sin_TK), mask.start)
+    else:  # the first Q = keep (default: all T) tokens' queries
+      o_BQHK = qkv_attention(qkv_BT3HK, cos_TK, sin_TK, mask, cfg.attention, keep)
     o_BTD = _dense(d, ("heads", "head_dim", "embed"), d, use_bias=False, axis=(-2, -1), dtype=dt,
                    name="attn_out")(o_BQHK)
 
