@@ -40,6 +40,21 @@ def time_train_steps(step_fn, state, batch, *, warmup: int, steps: int):
   return state, compile_s, times, time.process_time() - cpu0
 
 
+def time_pipelined_steps(step_fn, state, batch, *, steps: int):
+  """Times `steps` back-to-back calls of `state, metrics = step_fn(state, batch)` ended by one
+  block_until_ready, as a training loop issues them. Returns (state, seconds per step, the
+  median seconds a call took to return: near the step time where the host waits for the device
+  inside each call, small where it runs ahead)."""
+  dispatch = []
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    t1 = time.perf_counter()
+    state, m = step_fn(state, batch)
+    dispatch.append(time.perf_counter() - t1)
+  jax.block_until_ready((state, m))
+  return state, (time.perf_counter() - t0) / steps, median(dispatch)
+
+
 def time_calls(fn, *args, warmup: int, steps: int, calls: int = 1):
   """Times `fn(*args)` (nothing donated). Returns (compile_s, seconds per call of each of the
   `steps` samples); a sample is `calls` back-to-back calls ended by one block_until_ready."""

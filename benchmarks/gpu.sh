@@ -101,7 +101,8 @@ import json, pathlib, sys
 
 COLUMNS = ("impl", "pass", "attention", "layer_norm", "kind", "kernel", "mask", "length",
            "queries", "end", "dtype", "head_dim", "setting", "batch", "nucleus_bits", "block_q",
-           "block_k", "num_warps", "num_stages", "ms", "step_ms", "tokens_per_s", "ms_per_nfe",
+           "block_k", "num_warps", "num_stages", "ms", "step_ms", "tokens_per_s",
+           "pipelined_step_ms", "pipelined_tokens_per_s", "dispatch_ms", "ms_per_nfe",
            "nfes_per_token", "max_abs_err", "grad_rel_err", "ok", "failed", "mfu", "error")
 
 

@@ -12,9 +12,15 @@ Prints one JSON line (two with `--profile_dir`). Conventions:
 - eval step (unless `--noeval`): `train.jit_eval_step` of the evaluation task (t ~ U[1e-3, 1],
   no resampling, no dropout) on the same batch.
 - timing: first call = compile (`compile_s`), `--warmup` calls in all before timing, then
-  the median over `--steps` calls, each ended by `jax.block_until_ready`.
+  the median over `--steps` calls, each ended by `jax.block_until_ready` (`step_ms`: the
+  host's dispatch and the device's work, nothing overlapped).
+- pipelined: then `--steps` back-to-back calls ended by one `jax.block_until_ready`, as the
+  training loop issues them (`pipelined_step_ms`: per step; the host's work overlaps the
+  device's where nothing in the step makes the host wait), and `dispatch_ms`, the median time
+  a call took to return among them (about the step time where the host waits for the device).
 - tokens_per_s = batch * L / step time (tokens of the L-long sequences, not the 2L the
-  network runs over); eval_tokens_per_s the same for the eval step.
+  network runs over); pipelined_tokens_per_s the same for the pipelined step time;
+  eval_tokens_per_s for the eval step.
 - model_tflops_per_s: `bd3jax.flops.train_flops_per_sequence` * batch / step time (the
   convention string is printed as `flop_convention`); mfu divides by one device's dense bf16
   peak from `bd3jax.flops.peak_flops_per_device()`, null where unknown (CPU).
@@ -73,6 +79,8 @@ def main(argv):
   state, compile_s, times, _ = common.time_train_steps(
       step_fn, state, batch, warmup=_WARMUP.value, steps=_STEPS.value)
   step_s = common.median(times)
+  state, pipelined_s, dispatch_s = common.time_pipelined_steps(step_fn, state, batch,
+                                                               steps=_STEPS.value)
 
   tokens = batch_size * config.length
   evaluation = {}
@@ -91,6 +99,8 @@ def main(argv):
       "compile_s": compile_s,
       "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
       "tokens_per_s": tokens / step_s,
+      "pipelined_step_ms": 1e3 * pipelined_s, "pipelined_tokens_per_s": tokens / pipelined_s,
+      "dispatch_ms": 1e3 * dispatch_s,
       **common.throughput(task, batch_size, step_s),
       **evaluation,
       "peak_memory_gib": common.peak_memory_gib(),

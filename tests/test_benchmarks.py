@@ -8,7 +8,7 @@ import pytest
 
 import tiny_config
 from bd3jax import train
-from benchmarks import hlo_traffic, trace_summary
+from benchmarks import common, hlo_traffic, trace_summary
 
 
 def test_trace_summary_counts_every_op_of_every_call(tmp_path):
@@ -143,3 +143,11 @@ def test_hlo_traffic_of_the_compiled_train_step():
   sources = {s["source"] for s in summary["sources"]}
   assert {"optimizer", "ema", "forward loss"} <= sources, sources
   assert any(s.startswith("backward DiT/blocks_*") for s in sources), sources
+
+
+def test_pipelined_steps_thread_the_state_through_every_call():
+  step = jax.jit(lambda state, batch: (state + batch, {"state": state}), donate_argnums=(0,))
+  state, step_s, dispatch_s = common.time_pipelined_steps(step, jnp.zeros(()), jnp.ones(()),
+                                                          steps=5)
+  assert float(state) == 5.0
+  assert 0 < dispatch_s and 0 < step_s
