@@ -42,8 +42,8 @@ def jit_search_step(task: train.Task, chunk: int, params_sharding=None, batch_sh
   (common random numbers). Compiled once per number of intervals; the intervals are mapped
   over `chunk` at a time, vmapped within a chunk (memory: `chunk` forward passes at once).
   """
-  # Every token projected: vmapped over the intervals, the masked-token head's cond would run
-  # both of its branches.
+  # Every token projected: a capacity sized for one interval would make the others' pairs
+  # overflow, and their subsampled losses would add to the variance that the search measures.
   loss_cfg = dataclasses.replace(task.loss_cfg, logits_interval=None)
 
   def step(params, x0_BL, key, intervals_I2):

@@ -33,8 +33,9 @@ class LossConfig:
   antithetic: bool = True
   # None: the network projects every x_t token to logits. (lo, hi): only the masked ones
   # (`masked_log_prob_head`), as many per pair of rows as t drawn from [lo, hi] makes likely
-  # when `nelbo` gets an `interval` (one beyond [lo, hi] costs time; the training loop keeps
-  # it at the train state's), else as many as t in [clip_min, clip_max] does.
+  # when `nelbo` gets an `interval` (t beyond [lo, hi] makes pairs overflow, whose losses are
+  # then subsampled; the training loop keeps it at the train state's), else as many as t in
+  # [clip_min, clip_max] does.
   logits_interval: tuple[float, float] | None = None
 
   @property
@@ -138,50 +139,29 @@ def _rows_log_prob(x_GND, kernel_DV, bias_V, rows_GR, target_GN, masked_GN, mask
   return jnp.where(take(masked_GN), target_log_prob(logits_GRV, take(target_GN), mask_id), 0.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _only_if(fn: Callable, pred, diff_args, data_args):
-  """fn(*diff_args, *data_args) if pred, else its zeros; for a path rarely taken, so its
-  backward pass recomputes fn rather than keeping anything of it."""
-  run = lambda d: fn(*d, *data_args)
-  skip = lambda d: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(run, d))
-  return jax.lax.cond(pred, run, skip, diff_args)
-
-
-def _only_if_fwd(fn, pred, diff_args, data_args):
-  return _only_if(fn, pred, diff_args, data_args), (pred, diff_args, data_args)
-
-
-def _only_if_bwd(fn, residuals, g):
-  pred, diff_args, data_args = residuals
-  grads = lambda d: jax.vjp(lambda *a: fn(*a, *data_args), *d)[1](g)
-  zeros = lambda d: tuple(jnp.zeros_like(a) for a in d)
-  return None, jax.lax.cond(pred, grads, zeros, diff_args), None
-
-
-_only_if.defvjp(_only_if_fwd, _only_if_bwd)
-
-
-def masked_log_prob_head(x0_BL, masked_BL, mask_id: int, capacity: int):
+def masked_log_prob_head(x0_BL, masked_BL, mask_id: int, capacity: int, key):
   """A head for the network (`DiT(..., head=)`) that gives `subs_log_prob` [B, L], projecting
   only masked tokens to logits.
 
   Rows pair up as (2i, 2i+1), which antithetic t balances (`schedules.folded_rows`). Each pair
-  projects its first `capacity` tokens in masked-first order; only if some pair masks more
-  than that (rare, `schedules.pair_capacity`) are the rest projected too, on a path whose
-  backward pass recomputes its logits. Equal to the full logits' log-probs up to matmul rounding.
+  projects `capacity` tokens, its masked ones first, in an order drawn from `key`. A pair that
+  masks m > capacity tokens (rare, `schedules.pair_capacity`) has a uniformly random `capacity`
+  of them projected, their log-probs scaled by m / capacity and the rest 0: unbiased for the
+  pair's sum. Otherwise equal to the full logits' log-probs up to matmul rounding. No branch
+  depends on the data (on a GPU, XLA's conditionals wait for the device).
   """
   batch, length = x0_BL.shape
   pairs = lambda a: a.reshape(batch // 2, 2 * length, *a.shape[2:])
   masked_GN, target_GN = pairs(masked_BL), pairs(x0_BL)
-  order_GN = jnp.argsort(~masked_GN, axis=1, stable=True)
+  priority_GN = jnp.where(masked_GN, jax.random.uniform(key, masked_GN.shape), 2.0)
+  order_GN = jnp.argsort(priority_GN, axis=1)
   place_GN = jnp.argsort(order_GN, axis=1)
-  overflow = masked_GN.sum(1).max() > capacity
-  log_prob = functools.partial(_rows_log_prob, mask_id=mask_id)
+  scale_G1 = jnp.maximum(masked_GN.sum(1, keepdims=True) / capacity, 1.0)
 
   def head(x_BLD, kernel_DV, bias_V):
-    inputs = (pairs(x_BLD), kernel_DV, bias_V)
-    first_GC = log_prob(*inputs, order_GN[:, :capacity], target_GN, masked_GN)
-    rest_GR = _only_if(log_prob, overflow, inputs, (order_GN[:, capacity:], target_GN, masked_GN))
+    first_GC = _rows_log_prob(pairs(x_BLD), kernel_DV, bias_V, order_GN[:, :capacity], target_GN,
+                              masked_GN, mask_id) * scale_G1
+    rest_GR = jnp.zeros((first_GC.shape[0], 2 * length - capacity), first_GC.dtype)
     by_place_GN = jnp.concatenate([first_GC, rest_GR], axis=1)
     return jnp.take_along_axis(by_place_GN, place_GN, axis=1).reshape(batch, length)
   return head
@@ -214,7 +194,8 @@ def nelbo(apply_fn: Callable, x0_BL, key, cfg: LossConfig, train: bool = True, i
       with jax.named_scope("loss"):
         log_p_BL = subs_log_prob(logits_BLV, x0_BL, masked_BL, cfg.mask_id)
     else:
-      head = masked_log_prob_head(x0_BL, masked_BL, cfg.mask_id, capacity)
+      order_key = jax.random.split(key, 3)[2]  # the first two are forward_process's
+      head = masked_log_prob_head(x0_BL, masked_BL, cfg.mask_id, capacity, order_key)
       log_p_BL = diffusion_logits(apply_fn, xt_BL, x0_BL, sigma_B, cfg, head=head, **kwargs)
     with jax.named_scope("loss"):
       token_loss_BL = -w_BL * log_p_BL

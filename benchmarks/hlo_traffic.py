@@ -16,9 +16,8 @@ moves its operands' bytes plus its results'; a fusion operand read only through 
 the slices. Operands read in part otherwise (gathers, broadcasts in a loop, Pallas kernels' block
 specs: the attention kernels read only v of the packed projection, and the dk/dv kernel writes
 two of the three slots of its aliased d qkv) count whole, so the figures are upper bounds of
-what each kernel must move. A conditional counts as one kernel
-reading its operands and writing its results; the kernels of its branches (the loss's rarely
-taken path, `diffusion.masked_log_prob_head`) are not counted.
+what each kernel must move. A conditional counts as one kernel reading its operands and
+writing its results; the kernels of its branches are not counted.
 """
 
 import collections

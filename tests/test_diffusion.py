@@ -157,13 +157,28 @@ def test_loss_compiles_once_and_decreases(rng):
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
-def _nelbo_and_grads(cfg, model):
-  """Jitted `fn(params, x0, interval) -> ((loss, aux), grads)`: one compile for every interval."""
-  def loss_fn(p, x0, interval):
+def _nelbo_and_grads(cfg, model, weighted=False):
+  """Jitted `fn(params, x0, interval[, weight_BL]) -> ((loss, aux), grads)`: one compile for
+  every interval. `weighted`: the loss is the mean of the per-token losses times weight_BL."""
+  def loss_fn(p, x0, interval, weight_BL=None):
     fn = lambda t, s, m, train, head=None: model.apply({"params": p}, t, s, m, train=train,
                                                        head=head)
-    return diffusion.nelbo(fn, x0, jax.random.key(7), cfg, train=False, interval=interval)
+    loss, aux = diffusion.nelbo(fn, x0, jax.random.key(7), cfg, train=False, interval=interval)
+    if weight_BL is None:
+      return loss, aux
+    token_loss_BL = aux["token_loss"] * weight_BL
+    return token_loss_BL.mean(), {**aux, "token_loss": token_loss_BL}
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+
+
+def _assert_losses_close(got, want, dtype):
+  (loss, aux), grads = got
+  (loss_ref, aux_ref), grads_ref = want
+  tol = 2e-2 if dtype == "bfloat16" else 1e-5
+  np.testing.assert_allclose(loss, loss_ref, rtol=tol)
+  np.testing.assert_allclose(aux["token_loss"], aux_ref["token_loss"], rtol=tol, atol=tol)
+  for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(g, g_ref, rtol=tol, atol=tol * 1e-1)
 
 
 @pytest.mark.parametrize("length,block_size,dtype", [
@@ -171,8 +186,9 @@ def _nelbo_and_grads(cfg, model):
     (32, 4, "bfloat16")])
 def test_logits_at_masked_tokens_only_give_the_full_losses(rng, length, block_size, dtype):
   """The head that projects only masked tokens: the same loss, per-token losses and gradients as
-  the logits of every token, for block sizes 1, 4, 16 and L, without and with pairs whose masked
-  tokens overflow the capacity (t drawn above the interval it is sized for)."""
+  the logits of every token, for block sizes 1, 4, 16 and L. Where pairs mask more tokens than
+  the capacity (t drawn above the interval it is sized for), the full logits' losses of the
+  `capacity` tokens it keeps, scaled by masked / capacity, and 0 elsewhere."""
   model = tiny_model(dtype=dtype)
   resample = block_size > 1  # a block of one token has no masked fraction inside [0.001, 0.5]
   full = LossConfig("bd3lm", length, block_size, MASK_ID, resample=resample)
@@ -181,17 +197,47 @@ def test_logits_at_masked_tokens_only_give_the_full_losses(rng, length, block_si
   tokens = x0 if block_size == length else jnp.concatenate([x0, x0], 1)
   params = random_params(model, tokens, flops.training_mask_spec(full))
   capacity = diffusion.masked_capacity(masked, 6, interval_given=True)
-  run, run_ref = _nelbo_and_grads(masked, model), _nelbo_and_grads(full, model)
+  run, run_ref = _nelbo_and_grads(masked, model), _nelbo_and_grads(full, model, weighted=True)
   for interval, overflows in ((jnp.array([1e-3, 0.5]), False), (jnp.array([0.7, 1.0]), True)):
     masked_BL = diffusion.forward_process(jax.random.key(7), x0, masked, interval)[1]
-    assert (masked_BL.reshape(3, -1).sum(1).max() > capacity) == overflows
-    (loss, aux), grads = run(params, x0, interval)
-    (loss_ref, aux_ref), grads_ref = run_ref(params, x0, interval)
-    tol = 2e-2 if dtype == "bfloat16" else 1e-5
-    np.testing.assert_allclose(loss, loss_ref, rtol=tol)
-    np.testing.assert_allclose(aux["token_loss"], aux_ref["token_loss"], rtol=tol, atol=tol)
-    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-      np.testing.assert_allclose(g, g_ref, rtol=tol, atol=tol * 1e-1)
+    count_G1 = masked_BL.reshape(3, -1).sum(1, keepdims=True)
+    assert (count_G1.max() > capacity) == overflows
+    got = run(params, x0, interval)
+    kept_GN = (got[0][1]["token_loss"] != 0).reshape(3, -1)
+    np.testing.assert_array_equal(kept_GN.sum(1), np.minimum(count_G1[:, 0], capacity))
+    assert not (kept_GN & ~masked_BL.reshape(3, -1)).any()
+    weight_BL = (kept_GN * np.maximum(count_G1 / capacity, 1.0)).reshape(6, length)
+    _assert_losses_close(got, run_ref(params, x0, interval, weight_BL), dtype)
+
+
+def test_masked_head_keeps_a_uniform_subset_of_an_overflowing_pair(rng):
+  """Over order keys, each masked token of a pair with more than `capacity` of them is kept with
+  probability capacity / masked, so the scaled log-probs are unbiased; pairs within capacity
+  keep every masked token, unscaled."""
+  batch, length, dim, capacity, draws = 4, 16, 8, 8, 4000
+  masked_BL = np.zeros((batch, length), bool)
+  masked_BL[0:2].reshape(-1)[:20] = True  # pair 0: 20 of its 32 tokens masked
+  masked_BL[2:4].reshape(-1)[3:8] = True  # pair 1: 5
+  k1, k2, k3 = jax.random.split(rng, 3)
+  x0_BL = random_tokens(k1, batch, length)
+  x_BLD = jax.random.normal(k2, (batch, length, dim))
+  kernel_DV = jax.random.normal(k3, (dim, VOCAB))
+  bias_V = jnp.zeros(VOCAB)
+  full_BL = diffusion.subs_log_prob(x_BLD @ kernel_DV, x0_BL, masked_BL, MASK_ID)
+
+  def head_output(key):
+    head = diffusion.masked_log_prob_head(x0_BL, masked_BL, MASK_ID, capacity, key)
+    return head(x_BLD, kernel_DV, bias_V)
+  out_KBL = jax.jit(jax.vmap(head_output))(jax.random.split(jax.random.key(3), draws))
+  kept_KBL = out_KBL != 0
+  np.testing.assert_array_equal(kept_KBL[:, 0:2].sum((1, 2)), capacity)
+  scale_B1 = np.array([[20 / capacity]] * 2 + [[1.0]] * 2)
+  np.testing.assert_allclose(out_KBL, jnp.where(kept_KBL, scale_B1 * full_BL, 0.0), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(kept_KBL[:, 2:4], np.broadcast_to(masked_BL[2:4], (draws, 2,
+                                                                                   length)))
+  assert not kept_KBL[:, 0:2][:, ~masked_BL[0:2]].any()
+  np.testing.assert_allclose(kept_KBL.mean(0)[0:2][masked_BL[0:2]], capacity / 20, atol=0.04)
 
 
 def test_masked_head_projects_capacity_rows_per_pair(rng):
