@@ -32,7 +32,8 @@
 # The train_step and sampler commands also trace a short run (two train steps; eight blocks
 # of samples at each batch) into a scratch directory and print the GPU time per op and per
 # stream, and how busy each stream was (benchmarks/trace_summary.py); for the train step also
-# the time per part of the step (layers, dropout, loss, optimizer, ... forward and backward).
+# the time per part of the step (layers, dropout, loss, optimizer, ... forward and backward)
+# and the busiest events of the two busiest host threads (dispatch, CUDA API calls).
 # Parts run in the order given; every measurement is written as soon as it is made, so a run
 # cut short keeps what it finished. Compiles dominate the train_step and sampler parts; the
 # commands share a compilation cache, so compile_s after the first command may be a cache hit.
@@ -130,6 +131,10 @@ def print_profile(name, record):
     for op in t["top"][:8]:
       print(f"    {op['total_ms']:9.2f} ms {op['count']:6d}x {op['mean_us']:9.1f} us  {op['op']}"
             f"{' (' + op['kernel'] + ')' if 'kernel' in op else ''}")
+  for t in record.get("host_threads", [])[:2]:
+    print(f"{name} host {t['line']}: busy {t['busy_ms']:.1f} of {t['span_ms']:.1f} ms")
+    for e in t["top"][:10]:
+      print(f"    {e['total_ms']:9.2f} ms {e['count']:6d}x {e['mean_us']:9.1f} us  {e['name'][:80]}")
 
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
   for line in path.read_text().splitlines():

@@ -4,7 +4,7 @@
 
 `trace(fn, directory)` times `fn()` under `jax.profiler.trace` and summarizes what it wrote:
 `newest_trace(directory)` finds the XSpace file, `summarize(path)` reads it with
-`jax.profiler.ProfileData`. A timeline is one line of the trace: a GPU stream or TPU core
+`jax.profiler.ProfileData`; `host_threads(path)` gives each host thread's busiest events. A timeline is one line of the trace: a GPU stream or TPU core
 (planes named /device:...), or a host thread that ran XLA's CPU thunks. Counted: every event of
 a device plane, and on host planes the events that carry an `hlo_op` stat. Events are grouped by
 that stat (the HLO instruction, e.g. a fusion) or else by their name (a memcpy, a kernel of no
@@ -153,6 +153,32 @@ def summarize(path: str, top: int = 20, hlo_text: str | None = None) -> list[dic
           **({"sources": [{"source": k, "count": source_count[k], "total_ms": ns / 1e6}
                           for k, ns in source_ns.most_common()]} if sources is not None else {})})
   return timelines
+
+
+def host_threads(path: str, top: int = 20) -> list[dict]:
+  """One dict per host thread of a trace (lines of planes not named /device:...), busiest
+  first: events, busy_ms and span_ms (as in `summarize`) and the `top` event names by total
+  time (count, total_ms, mean_us). Nested events each count (a call's time includes its
+  callees'). On an accelerator, where the host's time goes: dispatch (PjitFunction), the
+  runtime's launches and waits (on a GPU, the CUDA API calls), Python."""
+  threads = []
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    if plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      total_ns, count, intervals = collections.Counter(), collections.Counter(), []
+      for event in line.events:
+        total_ns[event.name] += event.duration_ns
+        count[event.name] += 1
+        intervals.append((event.start_ns, event.end_ns))
+      if intervals:
+        threads.append({
+            "plane": plane.name, "line": line.name, "events": len(intervals),
+            "busy_ms": _union_ns(intervals) / 1e6,
+            "span_ms": (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e6,
+            "top": [{"name": name, "count": count[name], "total_ms": ns / 1e6,
+                     "mean_us": ns / count[name] / 1e3} for name, ns in total_ns.most_common(top)]})
+  return sorted(threads, key=lambda t: -t["busy_ms"])
 
 
 if __name__ == "__main__":

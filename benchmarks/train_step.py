@@ -28,7 +28,8 @@ Prints one JSON line (two with `--profile_dir`). Conventions:
 - `--profile_dir=DIR`: after the timing, `--profile_steps` more train steps run under the
   profiler (trace written under DIR) and a second line, "train_step_profile", gives the time
   per op, per kind of op and per part of the step (the ops' named scopes: model layers,
-  dropout, masking, loss, optimizer, ema) for each device timeline (benchmarks/trace_summary.py).
+  dropout, masking, loss, optimizer, ema) for each device timeline, and the busiest events of
+  the four busiest host threads (benchmarks/trace_summary.py).
 """
 
 import os
@@ -62,6 +63,7 @@ _EVAL = flags.DEFINE_bool("eval", True, "Also time the eval step (a second compi
 _PROFILE = flags.DEFINE_string("profile_dir", "", "Trace --profile_steps steps into this directory "
                                "and print where their time goes.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Train steps traced with --profile_dir.")
+_HOST_THREADS = 4  # the busiest host threads listed in the profile line
 
 
 def main(argv):
@@ -114,11 +116,12 @@ def main(argv):
       return s
     hlo_text = step_fn.lower(state, batch).compile().as_text()  # the compiled step, cached
     seconds, _, timelines = trace_summary.trace(run_steps, _PROFILE.value, hlo_text=hlo_text)
+    host = trace_summary.host_threads(trace_summary.newest_trace(_PROFILE.value))
     common.emit({
         "benchmark": "train_step_profile", "attention": config.model.attention,
         "layer_norm": config.model.layer_norm,
         "steps": _PROFILE_STEPS.value, "wall_ms_per_step": 1e3 * seconds / _PROFILE_STEPS.value,
-        "timelines": timelines})
+        "timelines": timelines, "host_threads": host[:_HOST_THREADS]})
 
 
 if __name__ == "__main__":

@@ -151,3 +151,18 @@ def test_pipelined_steps_thread_the_state_through_every_call():
                                                           steps=5)
   assert float(state) == 5.0
   assert 0 < dispatch_s and 0 < step_s
+
+
+def test_host_threads_count_every_dispatch(tmp_path):
+  f = jax.jit(lambda x: jnp.tanh(x @ x))
+  x = jnp.ones((64, 64))
+  f(x).block_until_ready()
+  trace_summary.trace(lambda: [f(x) for _ in range(3)], str(tmp_path))
+  threads = trace_summary.host_threads(trace_summary.newest_trace(str(tmp_path)))
+  assert [t["busy_ms"] for t in threads] == sorted((t["busy_ms"] for t in threads), reverse=True)
+  for t in threads:
+    assert 0 < t["busy_ms"] <= t["span_ms"]
+    assert sum(e["count"] for e in t["top"]) <= t["events"]
+  dispatches = sum(e["count"] for t in threads for e in t["top"]
+                   if e["name"] == "PjitFunction(<lambda>)")
+  assert dispatches and dispatches % 3 == 0, dispatches  # as many events for each of 3 calls
