@@ -127,7 +127,7 @@ class BD3LM:
 
 
   def _loss_cfg(self, block_size: int, length: int) -> diffusion.LossConfig:
-    # t ~ U[1e-3, 1]; every token projected to logits, so each token's NELBO is exact.
+    # t ~ U[1e-3, 1]; every token projected to logits, so no token's loss is subsampled.
     return diffusion.LossConfig(
         algo="ar" if self.is_autoregressive else "bd3lm", length=length, block_size=block_size,
         mask_id=self.ids.mask_id, clip_min=1e-3, clip_max=1.0, resample=False)

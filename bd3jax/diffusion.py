@@ -148,12 +148,13 @@ def masked_log_prob_head(x0_BL, masked_BL, mask_id: int, capacity: int, key):
   masks m > capacity tokens (rare, `schedules.pair_capacity`) has a uniformly random `capacity`
   of them projected, their log-probs scaled by m / capacity and the rest 0: unbiased for the
   pair's sum. Otherwise equal to the full logits' log-probs up to matmul rounding. No branch
-  depends on the data (on a GPU, XLA's conditionals wait for the device).
+  depends on the data (run op by op on a GPU, XLA's host waits for a conditional's predicate).
   """
   batch, length = x0_BL.shape
   pairs = lambda a: a.reshape(batch // 2, 2 * length, *a.shape[2:])
   masked_GN, target_GN = pairs(masked_BL), pairs(x0_BL)
-  priority_GN = jnp.where(masked_GN, jax.random.uniform(key, masked_GN.shape), 2.0)
+  random_GN = jax.random.bits(key, masked_GN.shape, jnp.uint32) >> 1
+  priority_GN = jnp.where(masked_GN, random_GN, jnp.uint32(1 << 31))  # masked ones first
   order_GN = jnp.argsort(priority_GN, axis=1)
   place_GN = jnp.argsort(order_GN, axis=1)
   scale_G1 = jnp.maximum(masked_GN.sum(1, keepdims=True) / capacity, 1.0)

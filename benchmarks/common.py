@@ -2,7 +2,8 @@
 
 Timing convention: the first call of a jitted function compiles and is reported apart
 (`compile_s`); further warm-up calls are discarded; each timed call is followed by
-`jax.block_until_ready` on its outputs, and the median of the timed calls is reported.
+`jax.block_until_ready` on its outputs, and the median of the timed calls is reported
+(`time_pipelined_steps` apart: calls back to back, one block_until_ready per run).
 Imports only jax, numpy and bd3jax modules that need neither grain nor sentencepiece.
 """
 
@@ -41,18 +42,24 @@ def time_train_steps(step_fn, state, batch, *, warmup: int, steps: int):
 
 
 def time_pipelined_steps(step_fn, state, batch, *, steps: int):
-  """Times `steps` back-to-back calls of `state, metrics = step_fn(state, batch)` ended by one
-  block_until_ready, as a training loop issues them. Returns (state, seconds per step, the
-  median seconds a call took to return: near the step time where the host waits for the device
-  inside each call, small where it runs ahead)."""
-  dispatch = []
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    t1 = time.perf_counter()
-    state, m = step_fn(state, batch)
-    dispatch.append(time.perf_counter() - t1)
-  jax.block_until_ready((state, m))
-  return state, (time.perf_counter() - t0) / steps, median(dispatch)
+  """Times `state, metrics = step_fn(state, batch)` called back to back, as a training loop
+  issues them: a run of `steps` calls and a run of 2 * `steps`, each ended by one
+  block_until_ready; their difference over `steps` is the time per step, without the start-up
+  (the first dispatch on an idle device) and drain that both runs share. Returns (state,
+  seconds per step, the median seconds a call took to return: near the step time where the
+  host waits for the device inside each call, small where it runs ahead)."""
+  if steps < 1:
+    raise ValueError(f"steps must be at least 1, got {steps}")
+  dispatch, runs = [], []
+  for calls in (steps, 2 * steps):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      t1 = time.perf_counter()
+      state, m = step_fn(state, batch)
+      dispatch.append(time.perf_counter() - t1)
+    jax.block_until_ready((state, m))
+    runs.append(time.perf_counter() - t0)
+  return state, (runs[1] - runs[0]) / steps, median(dispatch)
 
 
 def time_calls(fn, *args, warmup: int, steps: int, calls: int = 1):

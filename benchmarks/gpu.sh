@@ -134,7 +134,8 @@ def print_profile(name, record):
   for t in record.get("host_threads", [])[:2]:
     print(f"{name} host {t['line']}: busy {t['busy_ms']:.1f} of {t['span_ms']:.1f} ms")
     for e in t["top"][:10]:
-      print(f"    {e['total_ms']:9.2f} ms {e['count']:6d}x {e['mean_us']:9.1f} us  {e['name'][:80]}")
+      print(f"    {e['total_ms']:9.2f} ms {e['count']:6d}x {e['mean_us']:9.1f} us"
+            f"  {e['name'][:80]}")
 
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
   for line in path.read_text().splitlines():

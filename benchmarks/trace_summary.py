@@ -4,13 +4,14 @@
 
 `trace(fn, directory)` times `fn()` under `jax.profiler.trace` and summarizes what it wrote:
 `newest_trace(directory)` finds the XSpace file, `summarize(path)` reads it with
-`jax.profiler.ProfileData`; `host_threads(path)` gives each host thread's busiest events. A timeline is one line of the trace: a GPU stream or TPU core
-(planes named /device:...), or a host thread that ran XLA's CPU thunks. Counted: every event of
-a device plane, and on host planes the events that carry an `hlo_op` stat. Events are grouped by
-that stat (the HLO instruction, e.g. a fusion) or else by their name (a memcpy, a kernel of no
-HLO op, each kernel of an XLA command buffer, i.e. a CUDA graph, whose events all carry the
-command buffer's op); a group's `kernel` is its events' name where that differs (e.g. the GPU
-kernel of a fusion). Per timeline:
+`jax.profiler.ProfileData`; `host_threads(path)` gives each host thread's busiest events. A
+timeline is one line of the trace: a GPU stream or TPU core (planes named /device:...), or a
+host thread that ran XLA's CPU thunks. Counted: every event of a device plane, and on host
+planes the events that carry an `hlo_op` stat. Events are grouped by that stat (the HLO
+instruction, e.g. a fusion) or else by their name (a memcpy, a kernel of no HLO op, each kernel
+of an XLA command buffer, i.e. a CUDA graph, whose events all carry the command buffer's op); a
+group's `kernel` is its events' name where that differs (e.g. the GPU kernel of a fusion).
+Per timeline:
 - busy_ms: the union of its events' intervals; span_ms: its first start to its last end, so
   busy / span below 1 is time the timeline sat idle (launches, host syncs) within the trace;
 - top: the `top` groups by total time: count, total_ms, mean_us;

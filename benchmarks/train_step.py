@@ -14,10 +14,11 @@ Prints one JSON line (two with `--profile_dir`). Conventions:
 - timing: first call = compile (`compile_s`), `--warmup` calls in all before timing, then
   the median over `--steps` calls, each ended by `jax.block_until_ready` (`step_ms`: the
   host's dispatch and the device's work, nothing overlapped).
-- pipelined: then `--steps` back-to-back calls ended by one `jax.block_until_ready`, as the
-  training loop issues them (`pipelined_step_ms`: per step; the host's work overlaps the
-  device's where nothing in the step makes the host wait), and `dispatch_ms`, the median time
-  a call took to return among them (about the step time where the host waits for the device).
+- pipelined: then runs of `--steps` and 2 * `--steps` back-to-back calls, each ended by one
+  `jax.block_until_ready`, as the training loop issues them (`pipelined_step_ms`: the runs'
+  difference per step, so start-up and drain cancel; the host's work overlaps the device's
+  where nothing in the step makes the host wait), and `dispatch_ms`, the median time a call
+  took to return among them (about the step time where the host waits for the device).
 - tokens_per_s = batch * L / step time (tokens of the L-long sequences, not the 2L the
   network runs over); pipelined_tokens_per_s the same for the pipelined step time;
   eval_tokens_per_s for the eval step.
@@ -116,12 +117,12 @@ def main(argv):
       return s
     hlo_text = step_fn.lower(state, batch).compile().as_text()  # the compiled step, cached
     seconds, _, timelines = trace_summary.trace(run_steps, _PROFILE.value, hlo_text=hlo_text)
-    host = trace_summary.host_threads(trace_summary.newest_trace(_PROFILE.value))
+    threads = trace_summary.host_threads(trace_summary.newest_trace(_PROFILE.value))
     common.emit({
         "benchmark": "train_step_profile", "attention": config.model.attention,
         "layer_norm": config.model.layer_norm,
         "steps": _PROFILE_STEPS.value, "wall_ms_per_step": 1e3 * seconds / _PROFILE_STEPS.value,
-        "timelines": timelines, "host_threads": host[:_HOST_THREADS]})
+        "timelines": timelines, "host_threads": threads[:_HOST_THREADS]})
 
 
 if __name__ == "__main__":

@@ -241,8 +241,8 @@ def test_masked_head_keeps_a_uniform_subset_of_an_overflowing_pair(rng):
 
 
 def test_masked_head_projects_capacity_rows_per_pair(rng):
-  """The network's output matmul runs on [B / 2, capacity, D] rows, outside any branch; the
-  [B, L, V] logits are never formed."""
+  """The network's output matmul runs on [B / 2, capacity, D] rows, in no branch; the [B, L, V]
+  logits are never formed, and the loss has no conditional."""
   length, block_size, batch = 32, 4, 4
   cfg = LossConfig("bd3lm", length, block_size, MASK_ID, logits_interval=(1e-3, 1.0))
   model = tiny_model()
@@ -253,9 +253,30 @@ def test_masked_head_projects_capacity_rows_per_pair(rng):
                                                      head=head)
   jaxpr = jax.make_jaxpr(lambda x: diffusion.nelbo(fn, x, jax.random.key(0), cfg, False))(x0)
   capacity = diffusion.masked_capacity(cfg, batch, interval_given=False)
-  vocab_outputs = [e.outvars[0].aval.shape for e in jax_helpers.equations(jaxpr.jaxpr, False)
+  equations = list(jax_helpers.equations(jaxpr.jaxpr))
+  vocab_outputs = [e.outvars[0].aval.shape for e in equations
                    if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == VOCAB]
   assert vocab_outputs == [(batch // 2, capacity, VOCAB)]
+  assert "cond" not in {e.primitive.name for e in equations}
+
+
+def test_nelbo_keeps_another_subset_of_an_overflowing_pair_for_each_key(rng):
+  """With t = 1 every token is masked whatever the key, so every pair overflows a capacity
+  sized for t in [0.001, 0.5]: each key keeps `capacity` tokens of each pair, not the same."""
+  length, batch = 32, 4
+  cfg = LossConfig("bd3lm", length, 4, MASK_ID, logits_interval=(1e-3, 0.5))
+  model = tiny_model()
+  x0 = random_tokens(rng, batch, length)
+  params = random_params(model, jnp.concatenate([x0, x0], 1), flops.training_mask_spec(cfg))
+  fn = lambda t, s, m, train, head=None: model.apply({"params": params}, t, s, m, train=train,
+                                                     head=head)
+  capacity = diffusion.masked_capacity(cfg, batch, interval_given=True)
+  token_loss = jax.jit(lambda key: diffusion.nelbo(fn, x0, key, cfg, train=False,
+                                                   interval=jnp.array([1.0, 1.0]))[1]["token_loss"])
+  kept = [token_loss(jax.random.key(seed)) != 0 for seed in (0, 1)]
+  for kept_BL in kept:
+    np.testing.assert_array_equal(kept_BL.reshape(batch // 2, -1).sum(1), capacity)
+  assert (kept[0] != kept[1]).any()
 
 
 @pytest.mark.parametrize("change,applies", [
