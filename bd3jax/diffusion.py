@@ -155,16 +155,15 @@ def masked_log_prob_head(x0_BL, masked_BL, mask_id: int, capacity: int, key):
   masked_GN, target_GN = pairs(masked_BL), pairs(x0_BL)
   random_GN = jax.random.bits(key, masked_GN.shape, jnp.uint32) >> 1
   priority_GN = jnp.where(masked_GN, random_GN, jnp.uint32(1 << 31))  # masked ones first
-  order_GN = jnp.argsort(priority_GN, axis=1)
-  place_GN = jnp.argsort(order_GN, axis=1)
+  rows_GC = jnp.argsort(priority_GN, axis=1)[:, :capacity]
   scale_G1 = jnp.maximum(masked_GN.sum(1, keepdims=True) / capacity, 1.0)
 
   def head(x_BLD, kernel_DV, bias_V):
-    first_GC = _rows_log_prob(pairs(x_BLD), kernel_DV, bias_V, order_GN[:, :capacity], target_GN,
-                              masked_GN, mask_id) * scale_G1
-    rest_GR = jnp.zeros((first_GC.shape[0], 2 * length - capacity), first_GC.dtype)
-    by_place_GN = jnp.concatenate([first_GC, rest_GR], axis=1)
-    return jnp.take_along_axis(by_place_GN, place_GN, axis=1).reshape(batch, length)
+    log_p_GC = _rows_log_prob(pairs(x_BLD), kernel_DV, bias_V, rows_GC, target_GN, masked_GN,
+                              mask_id) * scale_G1
+    pair_G1 = jnp.arange(batch // 2)[:, None]
+    log_p_GN = jnp.zeros(masked_GN.shape, log_p_GC.dtype).at[pair_G1, rows_GC].set(log_p_GC)
+    return log_p_GN.reshape(batch, length)
   return head
 
 

@@ -78,10 +78,12 @@ def time_calls(fn, *args, warmup: int, steps: int, calls: int = 1):
   return compile_s, times
 
 
-def value_and_grads(attend, q, k, v, do):
-  """The output and (dq, dk, dv) of sum(attend(q, k, v) * do)."""
-  o, vjp = jax.vjp(attend, q, k, v)
-  return o, vjp(do)
+def value_and_grads(fn, *args):
+  """fn's output at args[:-1] and the gradients of sum(output * args[-1]) with respect to each
+  of them, e.g. (o, (dq, dk, dv)) of `value_and_grads(attend, q, k, v, do)`."""
+  *inputs, cotangent = args
+  out, vjp = jax.vjp(fn, *inputs)
+  return out, vjp(cotangent)
 
 
 def error_text(e: Exception) -> str:

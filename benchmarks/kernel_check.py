@@ -163,12 +163,9 @@ def _packed_errors(mask, queries, qkv, do):
   def dense(qkv):
     return dense_attention(*rotary_qkv(qkv, cos, sin, q), mask.dense()[:q])
   kernel = lambda qkv: block_sparse.packed_attention(qkv, cos, sin, mask, queries)
-
-  def value_and_grad(attend, qkv, do):
-    o, vjp = jax.vjp(attend, qkv)
-    return o, vjp(do)[0]
-  o_ref, dqkv_ref = jax.jit(lambda *a: value_and_grad(dense, *a))(qkv.astype(F32), do.astype(F32))
-  o, dqkv = jax.jit(lambda *a: value_and_grad(kernel, *a))(qkv, do)
+  o_ref, (dqkv_ref,) = jax.jit(lambda *a: common.value_and_grads(dense, *a))(qkv.astype(F32),
+                                                                            do.astype(F32))
+  o, (dqkv,) = jax.jit(lambda *a: common.value_and_grads(kernel, *a))(qkv, do)
   return {"max_abs_err": _max_err(o, o_ref),
           "grad_rel_err": max(_max_err(dqkv[:, :, i], dqkv_ref[:, :, i]) /
                               float(jnp.abs(dqkv_ref[:, :, i]).max()) for i in range(3))}

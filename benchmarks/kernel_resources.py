@@ -80,7 +80,12 @@ def triton_modules(mask, head_dim, dtype, block_q, block_k, num_warps) -> list[s
   x = jax.ShapeDtypeStruct((1, mask.num_tokens, 1, head_dim), dtype)
   attend = lambda q, k, v: block_sparse.block_sparse_attention(
       q, k, v, mask, block_q=block_q, block_k=block_k, num_warps=num_warps, interpret=False)
-  modules = lowered_triton(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q), x, x, x)
+  return _attention_kernels(lowered_triton(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q),
+                                           x, x, x))
+
+
+def _attention_kernels(modules: list[str]) -> list[str]:
+  """`modules`, checked to be the forward, dq and dk/dv kernels' (`KERNELS`)."""
   if len(modules) != len(KERNELS):
     raise RuntimeError(f"expected {len(KERNELS)} Triton kernels, lowered {len(modules)}")
   return modules
@@ -98,10 +103,7 @@ def packed_modules(mask, head_dim, dtype, queries: int | None = None) -> list[st
   def forward_and_backward(qkv):
     o, vjp = jax.vjp(attend, qkv)
     return vjp(o)
-  modules = lowered_triton(forward_and_backward, qkv)
-  if len(modules) != len(KERNELS):
-    raise RuntimeError(f"expected {len(KERNELS)} Triton kernels, lowered {len(modules)}")
-  return modules
+  return _attention_kernels(lowered_triton(forward_and_backward, qkv))
 
 
 def decode_module(queries: int, slots: int, head_dim, dtype, num_warps):

@@ -183,8 +183,7 @@ def check_packed_attention(mesh) -> dict:
 
     def value_and_grad(implementation, qkv, do):
       attend = lambda qkv: qkv_attention(qkv, cos, sin, mask, implementation, queries)
-      o, vjp = jax.vjp(attend, qkv)
-      return o, vjp(do)
+      return jax_helpers.value_and_grads(attend, qkv, do)
 
     ref = jax.jit(functools.partial(value_and_grad, "dense"))(qkv, do)
     fn = jax.jit(functools.partial(value_and_grad, "pallas"))

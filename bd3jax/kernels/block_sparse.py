@@ -413,10 +413,12 @@ def call_kernel(kernel, grid, in_specs, out_specs, out_shape, name, *, num_warps
                         name=name, input_output_aliases=input_output_aliases or {})
 
 
-def _call(kernel, cfg, launch: Launch, grid, in_specs, out_specs, out_shape, name):
-  return call_kernel(functools.partial(kernel, cfg=cfg), grid, in_specs, out_specs, out_shape,
-                     name, num_warps=launch.num_warps, num_stages=launch.num_stages,
-                     interpret=cfg.interpret)
+def _call(kernel, cfg, launch: Launch, grid, in_specs, out_specs, out_shape, name, *,
+          input_output_aliases=None, **options):
+  """`call_kernel` of kernel(..., cfg=cfg, **options) with `launch`'s warps and stages."""
+  return call_kernel(functools.partial(kernel, cfg=cfg, **options), grid, in_specs, out_specs,
+                     out_shape, name, num_warps=launch.num_warps, num_stages=launch.num_stages,
+                     interpret=cfg.interpret, input_output_aliases=input_output_aliases)
 
 
 def _v_spec(v, block, d, index):
@@ -494,13 +496,13 @@ def packed_backward(q_BQHK, k_BTHK, qkv_BT3HK, o_BQHK, lse2_BHQ, do_BQHK, cos_TK
   rows, _ = kernel_tiles(cfg.mask, t, bq, cfg.dq.block_k, q)
   q_tile, row_tile = _tile(bq, d), _row_tile(bq)
   slot0 = pl.BlockSpec((None, bq, None, None, d), lambda b, h, n: (b, n, 0, h, 0))
-  dq_call = call_kernel(
-      functools.partial(_dq_kernel, cfg=cfg, packed=True, aliased=aliased), (batch, heads, q // bq),
+  dq_call = _call(
+      _dq_kernel, cfg, cfg.dq, (batch, heads, q // bq),
       [*_list_specs(rows), q_tile, _whole(t, d), _v_spec(qkv_BT3HK, t, d, lambda n: 0), q_tile,
        row_tile, q_tile, _rope_tile(bq, d), _rope_tile(bq, d), *[slot0] * aliased],
       [slot0, row_tile], [dqkv_shape, jax.ShapeDtypeStruct((batch, heads, q), jnp.float32)],
-      "bd3_attention_dq", num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
-      interpret=cfg.interpret, input_output_aliases={10: 0} if aliased else {})
+      "bd3_attention_dq", input_output_aliases={10: 0} if aliased else None, packed=True,
+      aliased=aliased)
   dqkv_BT3HK, delta_BHQ = dq_call(*_list_args(rows), q_BQHK, k_BTHK, qkv_BT3HK, do_BQHK, lse2_BHQ,
                                   o_BQHK, cos_TK[:q], sin_TK[:q], *buffer)
 
@@ -510,11 +512,10 @@ def packed_backward(q_BQHK, k_BTHK, qkv_BT3HK, o_BQHK, lse2_BHQ, do_BQHK, cos_TK
   # All three slots of the program's rows; the kernel stores into slots 1 and 2 only (a [bk, 3,
   # K] block is never loaded whole: Triton tensors have power-of-two sizes).
   slots = pl.BlockSpec((None, bk, 3, None, d), lambda b, h, n: (b, n, 0, h, 0))
-  return call_kernel(
-      functools.partial(_dkv_kernel, cfg=cfg, packed=True), (batch, heads, t // bk),
+  return _call(
+      _dkv_kernel, cfg, cfg.dkv, (batch, heads, t // bk),
       [*_list_specs(cols), q_whole, k_tile, _v_spec(qkv_BT3HK, bk, d, lambda n: n), q_whole,
        row_whole, row_whole, _rope_tile(bk, d), _rope_tile(bk, d), slots],
-      slots, dqkv_shape, "bd3_attention_dkv", num_warps=cfg.dkv.num_warps,
-      num_stages=cfg.dkv.num_stages, interpret=cfg.interpret, input_output_aliases={10: 0})(
+      slots, dqkv_shape, "bd3_attention_dkv", input_output_aliases={10: 0}, packed=True)(
           *_list_args(cols), q_BQHK, k_BTHK, qkv_BT3HK, do_BQHK, lse2_BHQ, delta_BHQ, cos_TK,
           sin_TK, dqkv_BT3HK)
