@@ -13,7 +13,8 @@
 # - attention: the reference shape (batch 16, 12 heads, 2L = 2048, head dim 64, L' = 16, bf16)
 #   with pallas (the default tiles, then other tiles for the backward kernels: FORWARD/DQ/DKV),
 #   cudnn and xla, in one process (an earlier sweep of eight pallas settings and cudnn took
-#   37 s on an H200, 2026-11-27);
+#   37 s on an H200, 2026-11-27); then pallas and cudnn as the train step calls them (--packed:
+#   the packed projection and the rotary embedding in, d qkv out);
 # - train_step: the small model (configs/base.py), train step only (--noeval), with pallas
 #   attention and the fused residual LayerNorm kernel (model.layer_norm=pallas), then pallas
 #   attention and XLA's LayerNorm, then cudnn attention and XLA's LayerNorm. XLA compiles
@@ -74,7 +75,8 @@ for spec in "${parts[@]}"; do
     attention)
       settings=default,64x64:4/128x32:4/32x128:8,64x64:4/128x32:8/32x128:8
       settings+=,64x64:4/64x64:4/32x128:8,64x64:4/128x32:4/64x64:4,64x64:4/64x32:4/32x64:4
-      run attention benchmarks/attention.py --impls=pallas,cudnn,xla --pallas="$settings" ;;
+      run attention benchmarks/attention.py --impls=pallas,cudnn,xla --pallas="$settings"
+      run attention benchmarks/attention.py --packed --impls=pallas,cudnn ;;
     train_step)
       ((${#impls[@]})) || impls=(pallas/pallas pallas/xla cudnn/xla)
       for impl in "${impls[@]}"; do
@@ -100,7 +102,7 @@ done
 "$python" - "$out" <<'EOF'
 import json, pathlib, sys
 
-COLUMNS = ("impl", "pass", "attention", "layer_norm", "kind", "kernel", "mask", "length",
+COLUMNS = ("impl", "pass", "packed", "attention", "layer_norm", "kind", "kernel", "mask", "length",
            "queries", "end", "dtype", "head_dim", "setting", "batch", "nucleus_bits", "block_q",
            "block_k", "num_warps", "num_stages", "ms", "step_ms", "tokens_per_s",
            "pipelined_step_ms", "pipelined_tokens_per_s", "dispatch_ms", "ms_per_nfe",
