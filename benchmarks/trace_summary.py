@@ -66,6 +66,13 @@ def _union_ns(intervals) -> float:
   return total
 
 
+def _extent(intervals) -> dict:
+  """events, busy_ms (the union of the (start, end) intervals in ns) and span_ms (first start
+  to last end) of a timeline's events."""
+  return {"events": len(intervals), "busy_ms": _union_ns(intervals) / 1e6,
+          "span_ms": (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e6}
+
+
 _GEMM = re.compile(r"gemm|xmma|nvjet|matmul|cutlass|cublas|^dot\b", re.IGNORECASE)
 
 
@@ -143,9 +150,7 @@ def summarize(path: str, top: int = 20, hlo_text: str | None = None) -> list[dic
       if not intervals:
         continue
       timelines.append({
-          "plane": plane.name, "line": line.name, "events": len(intervals),
-          "busy_ms": _union_ns(intervals) / 1e6,
-          "span_ms": (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e6,
+          "plane": plane.name, "line": line.name, **_extent(intervals),
           "top": [{"op": key, **({"kernel": kernel[key]} if kernel[key] != key else {}),
                    "count": count[key], "total_ms": ns / 1e6, "mean_us": ns / count[key] / 1e3}
                   for key, ns in total_ns.most_common(top)],
@@ -174,9 +179,7 @@ def host_threads(path: str, top: int = 20) -> list[dict]:
         intervals.append((event.start_ns, event.end_ns))
       if intervals:
         threads.append({
-            "plane": plane.name, "line": line.name, "events": len(intervals),
-            "busy_ms": _union_ns(intervals) / 1e6,
-            "span_ms": (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e6,
+            "plane": plane.name, "line": line.name, **_extent(intervals),
             "top": [{"name": name, "count": count[name], "total_ms": ns / 1e6,
                      "mean_us": ns / count[name] / 1e3} for name, ns in total_ns.most_common(top)]})
   return sorted(threads, key=lambda t: -t["busy_ms"])
