@@ -1,7 +1,18 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Faster XLA:CPU compiles for the many tiny programs the tests build (numerics unchanged).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Many tests (and the main.py runs they start) compile the same programs: one persistent
+# compilation cache for the whole run, shared by the workers and subprocesses through the
+# environment and removed at exit. Set JAX_COMPILATION_CACHE_DIR to choose another.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="bd3jax-tests-xla-cache-"),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import flax.linen as nn
 import jax
