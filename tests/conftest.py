@@ -9,10 +9,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 # compilation cache for the whole run, shared by the workers and subprocesses through the
 # environment and removed at exit. Set JAX_COMPILATION_CACHE_DIR to choose another.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="bd3jax-tests-xla-cache-"),
+  _cache_dir = tempfile.mkdtemp(prefix="bd3jax-tests-xla-cache-")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache_dir,
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 import flax.linen as nn
 import jax
