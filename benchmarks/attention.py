@@ -53,6 +53,7 @@ from benchmarks import common  # noqa: E402
 from bd3jax.kernels import block_sparse, tiles  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
 from bd3jax.model.attention import IMPLEMENTATIONS, attention, qkv_attention  # noqa: E402
+from bd3jax.model.transformer import positions_for  # noqa: E402
 from bd3jax.rotary import rotary_cos_sin  # noqa: E402
 
 _IMPLS = flags.DEFINE_list("impls", ["pallas", "cudnn", "xla"],
@@ -92,7 +93,7 @@ def main(argv):
   keys = jax.random.split(jax.random.key(_SEED.value), 4)
   if _PACKED.value:
     inputs = [jax.random.normal(keys[0], (_BATCH.value, t, 3, heads, head_dim))]
-    rope = rotary_cos_sin(jnp.arange(t) % mask.seq_len, head_dim)
+    rope = rotary_cos_sin(positions_for(mask), head_dim)
   else:
     inputs, rope = [jax.random.normal(key, qkv_shape) for key in keys[:3]], None
   inputs = [x.astype(_DTYPE.value) for x in inputs]

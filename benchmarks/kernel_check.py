@@ -34,6 +34,7 @@ from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
 from bd3jax.model import layer_ops  # noqa: E402
 from bd3jax.model.attention import dense_attention, dense_cache_attention  # noqa: E402
 from bd3jax.model.dropout import keep_bits  # noqa: E402
+from bd3jax.model.transformer import positions_for  # noqa: E402
 from bd3jax.rotary import rotary_cos_sin, rotary_qkv  # noqa: E402
 
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the inputs (default: from the clock).")
@@ -158,7 +159,7 @@ def _decode_errors(q, k, v, end):
 
 def _packed_errors(mask, queries, qkv, do):
   q = queries or mask.num_tokens
-  cos, sin = rotary_cos_sin(jnp.arange(mask.num_tokens) % mask.seq_len, qkv.shape[-1])
+  cos, sin = rotary_cos_sin(positions_for(mask), qkv.shape[-1])
 
   def dense(qkv):
     return dense_attention(*rotary_qkv(qkv, cos, sin, q), mask.dense()[:q])

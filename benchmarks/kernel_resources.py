@@ -39,6 +39,7 @@ from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
 from benchmarks import common  # noqa: E402
 from bd3jax.kernels import block_sparse, decode, layer_norm, platform  # noqa: E402
 from bd3jax.masks import AttentionMask, MaskKind  # noqa: E402
+from bd3jax.model.transformer import positions_for  # noqa: E402
 from bd3jax.rotary import rotary_cos_sin  # noqa: E402
 
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dimensions K.")
@@ -96,7 +97,7 @@ def packed_modules(mask, head_dim, dtype, queries: int | None = None) -> list[st
   (the training step's path: v read from the packed projection, the rotary's backward in the
   backward kernels) for the first `queries` queries (default all), default launches."""
   qkv = jax.ShapeDtypeStruct((1, mask.num_tokens, 3, 1, head_dim), dtype)
-  cos, sin = rotary_cos_sin(jnp.arange(mask.num_tokens) % mask.seq_len, head_dim)
+  cos, sin = rotary_cos_sin(positions_for(mask), head_dim)
   attend = lambda qkv: block_sparse.packed_attention(qkv, cos, sin, mask, queries,
                                                      interpret=False)
 

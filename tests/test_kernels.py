@@ -19,6 +19,7 @@ from bd3jax.kernels import block_sparse, decode, platform, splash_attention, til
 from bd3jax.kernels.block_sparse import block_sparse_attention
 from bd3jax.masks import AttentionMask, MaskKind, Tile, tile_map
 from bd3jax.model.attention import attention, dense_attention, dense_cache_attention
+from bd3jax.model.transformer import positions_for
 from bd3jax.rotary import rotary_cos_sin, rotary_qkv
 
 TRAINING, BLOCK_CAUSAL, FULL = MaskKind.TRAINING, MaskKind.BLOCK_CAUSAL, MaskKind.FULL
@@ -168,7 +169,7 @@ def test_packed_attention_matches_rotary_then_dense(monkeypatch, kind, seq_len, 
   keys = jax.random.split(jax.random.key(seq_len + block_size + q), 2)
   qkv = jax.random.normal(keys[0], (2, t, 3, 2, head_dim)).astype(dtype)
   do = jax.random.normal(keys[1], (2, q, 2, head_dim)).astype(dtype)
-  cos, sin = rotary_cos_sin(jnp.arange(t) % seq_len, head_dim)
+  cos, sin = rotary_cos_sin(positions_for(mask), head_dim)
 
   def reference(qkv):
     return dense_attention(*rotary_qkv(qkv, cos, sin, q), mask.dense()[:q])
