@@ -46,11 +46,16 @@ def random_params(model, tokens_BT, mask, seed=0):
   return init(jax.random.key(seed))
 
 
+def network(model, params):
+  """`fn(tokens, sigma, mask, train, head=None) -> logits` over `params`, as `diffusion.nelbo`
+  calls its network."""
+  return lambda t, s, m, train, head=None: model.apply({"params": params}, t, s, m, train=train,
+                                                      head=head)
+
+
 def apply_fn(model, params):
   """A jitted `fn(tokens, sigma, mask, train=False) -> logits` over fixed parameters."""
-  def run(params, tokens, sigma, mask, train):
-    return model.apply({"params": params}, tokens, sigma, mask, train=train)
-  run = jax.jit(run, static_argnums=(3, 4))
+  run = jax.jit(lambda params, *args: network(model, params)(*args), static_argnums=(3, 4))
   return lambda tokens, sigma, mask, train=False: run(params, tokens, sigma, mask, train)
 
 

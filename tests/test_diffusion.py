@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 import jax_helpers
-from conftest import MASK_ID, VOCAB, apply_fn, random_params, random_tokens, tiny_model
+from conftest import (MASK_ID, VOCAB, apply_fn, network, random_params, random_tokens,
+                      tiny_model)
 
 from bd3jax import diffusion, flops
 from bd3jax.diffusion import LossConfig
@@ -157,17 +158,11 @@ def test_loss_compiles_once_and_decreases(rng):
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
-def _network(model, params):
-  """`fn(tokens, sigma, mask, train, head=None)` of the model over `params`, as nelbo calls it."""
-  return lambda t, s, m, train, head=None: model.apply({"params": params}, t, s, m, train=train,
-                                                      head=head)
-
-
 def _nelbo_and_grads(cfg, model, weighted=False):
   """Jitted `fn(params, x0, interval[, weight_BL]) -> ((loss, aux), grads)`: one compile for
   every interval. `weighted`: the loss is the mean of the per-token losses times weight_BL."""
   def loss_fn(p, x0, interval, weight_BL=None):
-    loss, aux = diffusion.nelbo(_network(model, p), x0, jax.random.key(7), cfg, train=False,
+    loss, aux = diffusion.nelbo(network(model, p), x0, jax.random.key(7), cfg, train=False,
                                 interval=interval)
     if weight_BL is None:
       return loss, aux
@@ -254,7 +249,7 @@ def test_masked_head_projects_capacity_rows_per_pair(rng):
   x0 = random_tokens(rng, batch, length)
   params = random_params(model, jnp.concatenate([x0, x0], 1),
                         flops.training_mask_spec(cfg))
-  fn = _network(model, params)
+  fn = network(model, params)
   jaxpr = jax.make_jaxpr(lambda x: diffusion.nelbo(fn, x, jax.random.key(0), cfg, False))(x0)
   capacity = diffusion.masked_capacity(cfg, batch, interval_given=False)
   equations = list(jax_helpers.equations(jaxpr.jaxpr))
@@ -272,7 +267,7 @@ def test_nelbo_keeps_another_subset_of_an_overflowing_pair_for_each_key(rng):
   model = tiny_model()
   x0 = random_tokens(rng, batch, length)
   params = random_params(model, jnp.concatenate([x0, x0], 1), flops.training_mask_spec(cfg))
-  fn = _network(model, params)
+  fn = network(model, params)
   capacity = diffusion.masked_capacity(cfg, batch, interval_given=True)
   token_loss = jax.jit(lambda key: diffusion.nelbo(fn, x0, key, cfg, train=False,
                                                    interval=jnp.array([1.0, 1.0]))[1]["token_loss"])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import jax_helpers
-from conftest import tiny_model
+from conftest import network, tiny_model
 
 from bd3jax import diffusion, flops
 from bd3jax.diffusion import LossConfig
@@ -47,7 +47,7 @@ def test_train_flops_count_the_networks_matmuls(algo, length, block_size, querie
 
 def test_train_flops_count_the_tokens_the_loss_projects():
   """Given the batch, the output projection counts `masked_capacity` tokens per pair of rows:
-  the loss's forward matmuls (but the rarely taken branch's) equal the formula."""
+  the loss's forward matmuls equal the formula."""
   model = tiny_model(n_layers=3, adaln=False)
   batch, loss_cfg = 4, LossConfig("bd3lm", 32, 4, mask_id=0, logits_interval=(1e-3, 1.0))
   mask = flops.training_mask_spec(loss_cfg)
@@ -56,8 +56,8 @@ def test_train_flops_count_the_tokens_the_loss_projects():
                       mask)["params"]
 
   def loss(p):
-    fn = lambda t, s, m, train, head=None: model.apply({"params": p}, t, s, m, head=head)
-    return diffusion.nelbo(fn, x0, jax.random.key(0), loss_cfg, False, jnp.array([1e-3, 1.0]))[0]
+    return diffusion.nelbo(network(model, p), x0, jax.random.key(0), loss_cfg, False,
+                           jnp.array([1e-3, 1.0]))[0]
   counted = dot_flops(loss, params)
 
   hidden_TT = ~mask.dense()
