@@ -17,6 +17,7 @@ import jax
 from bd3jax import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST_CALLS = 3  # calls at the start of each back-to-back run that time the host's own cost
 
 
 def time_train_steps(step_fn, state, batch, *, warmup: int, steps: int):
@@ -45,21 +46,28 @@ def time_pipelined_steps(step_fn, state, batch, *, steps: int):
   """Times `state, metrics = step_fn(state, batch)` called back to back, as a training loop
   issues them: a run of `steps` calls and a run of 2 * `steps`, each ended by one
   block_until_ready; their difference over `steps` is the time per step, without the start-up
-  (the first dispatch on an idle device) and drain that both runs share. Returns (state,
-  seconds per step, the median seconds a call took to return: near the step time where the
-  host waits for the device inside each call, small where it runs ahead)."""
+  (the first dispatch on an idle device) and drain that both runs share.
+
+  Returns (state, seconds per step, median seconds a call took to return, median seconds the
+  first `HOST_CALLS` calls of each run took to return). A runtime lets the host enqueue only so
+  many steps ahead, so once that queue is full every call waits for the device and the second
+  figure nears the step time either way; the third, taken while each run starts on an idle
+  device, is what a call costs the host (an upper bound where the queue is shorter).
+  """
   if steps < 1:
     raise ValueError(f"steps must be at least 1, got {steps}")
-  dispatch, runs = [], []
+  dispatch, first, runs = [], [], []
   for calls in (steps, 2 * steps):
     t0 = time.perf_counter()
-    for _ in range(calls):
+    for i in range(calls):
       t1 = time.perf_counter()
       state, m = step_fn(state, batch)
       dispatch.append(time.perf_counter() - t1)
+      if i < HOST_CALLS:
+        first.append(dispatch[-1])
     jax.block_until_ready((state, m))
     runs.append(time.perf_counter() - t0)
-  return state, (runs[1] - runs[0]) / steps, median(dispatch)
+  return state, (runs[1] - runs[0]) / steps, median(dispatch), median(first)
 
 
 def time_calls(fn, *args, warmup: int, steps: int, calls: int = 1):

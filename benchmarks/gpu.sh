@@ -105,7 +105,7 @@ import json, pathlib, sys
 COLUMNS = ("impl", "pass", "packed", "attention", "layer_norm", "kind", "kernel", "mask", "length",
            "queries", "end", "dtype", "head_dim", "setting", "batch", "nucleus_bits", "block_q",
            "block_k", "num_warps", "num_stages", "ms", "step_ms", "tokens_per_s",
-           "pipelined_step_ms", "pipelined_tokens_per_s", "dispatch_ms", "ms_per_nfe",
+           "pipelined_step_ms", "pipelined_tokens_per_s", "dispatch_ms", "host_ms", "ms_per_nfe",
            "nfes_per_token", "max_abs_err", "grad_rel_err", "ok", "failed", "mfu", "error")
 
 

@@ -17,8 +17,11 @@ Prints one JSON line (two with `--profile_dir`). Conventions:
 - pipelined: then runs of `--steps` and 2 * `--steps` back-to-back calls, each ended by one
   `jax.block_until_ready`, as the training loop issues them (`pipelined_step_ms`: the runs'
   difference per step, so start-up and drain cancel; the host's work overlaps the device's
-  where nothing in the step makes the host wait), and `dispatch_ms`, the median time a call
-  took to return among them (about the step time where the host waits for the device).
+  where nothing in the step makes the host wait); `dispatch_ms`, the median time a call took
+  to return among them (near the step time once the runtime's queue of enqueued steps is full,
+  whether the host or the device holds the loop back), and `host_ms`, the median return time of
+  the first `common.HOST_CALLS` calls of each run, which start on an idle device: what a call
+  costs the host. host_ms well under pipelined_step_ms means the device is the bottleneck.
 - tokens_per_s = batch * L / step time (tokens of the L-long sequences, not the 2L the
   network runs over); pipelined_tokens_per_s the same for the pipelined step time;
   eval_tokens_per_s for the eval step.
@@ -82,8 +85,8 @@ def main(argv):
   state, compile_s, times, _ = common.time_train_steps(
       step_fn, state, batch, warmup=_WARMUP.value, steps=_STEPS.value)
   step_s = common.median(times)
-  state, pipelined_s, dispatch_s = common.time_pipelined_steps(step_fn, state, batch,
-                                                               steps=_STEPS.value)
+  state, pipelined_s, dispatch_s, host_s = common.time_pipelined_steps(
+      step_fn, state, batch, steps=_STEPS.value)
 
   tokens = batch_size * config.length
   evaluation = {}
@@ -103,7 +106,7 @@ def main(argv):
       "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
       "tokens_per_s": tokens / step_s,
       "pipelined_step_ms": 1e3 * pipelined_s, "pipelined_tokens_per_s": tokens / pipelined_s,
-      "dispatch_ms": 1e3 * dispatch_s,
+      "dispatch_ms": 1e3 * dispatch_s, "host_ms": 1e3 * host_s,
       **common.throughput(task, batch_size, step_s),
       **evaluation,
       "peak_memory_gib": common.peak_memory_gib(),

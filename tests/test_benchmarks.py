@@ -147,9 +147,10 @@ def test_hlo_traffic_of_the_compiled_train_step():
 
 def test_pipelined_steps_thread_the_state_through_every_call():
   step = jax.jit(lambda state, batch: (state + batch, {"state": state}), donate_argnums=(0,))
-  state, _, dispatch_s = common.time_pipelined_steps(step, jnp.zeros(()), jnp.ones(()), steps=5)
+  state, _, dispatch_s, host_s = common.time_pipelined_steps(step, jnp.zeros(()), jnp.ones(()),
+                                                             steps=5)
   assert float(state) == 15.0  # runs of 5 and 10 calls
-  assert 0 < dispatch_s
+  assert 0 < dispatch_s and 0 < host_s
   with pytest.raises(ValueError, match="at least 1"):
     common.time_pipelined_steps(step, state, jnp.ones(()), steps=0)
 
