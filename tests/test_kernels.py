@@ -47,7 +47,8 @@ def test_visible_and_tile_lists_follow_the_mask(kind, seq_len, block_size):
   dense_NN = tiles.padded_mask(mask, n)
   np.testing.assert_array_equal(dense_NN[:mask.num_tokens, :mask.num_tokens], mask.dense())
   pos = jnp.arange(n, dtype=jnp.int32)
-  np.testing.assert_array_equal(tiles.visible(mask, n, pos, pos), dense_NN)
+  np.testing.assert_array_equal(tiles.visible(mask, n, pos[:, None], pos[None, :]), dense_NN)
+  np.testing.assert_array_equal(tiles.visible(mask, n, pos[None, :], pos[:, None]), dense_NN.T)
   for block_q, block_k in ((8, 8), (16, 4)):
     rows, cols = tiles.kernel_tiles(mask, n, block_q, block_k)
     for lists, map_NM in ((rows, tile_map(dense_NN, block_q, block_k)),

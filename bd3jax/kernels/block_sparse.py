@@ -11,7 +11,8 @@ pass's last layer) the kernels visit only those queries' tiles.
 - Backward (`jax.custom_vjp`), FlashAttention-2 style with no atomics: one kernel per (batch,
   head, query tile) computes its rows' delta = rowsum(dO * O) and accumulates dq over the same
   key tiles, and writes delta for the other kernel: one per (batch, head, key tile), which
-  accumulates dk and dv over the query tiles that see it.
+  accumulates dk and dv over the query tiles that see it, computing each tile transposed (keys
+  by queries), so that p^T and ds^T enter its matmuls as computed.
   Probabilities are recomputed from `lse2`; they are cast to the input dtype before the
   matmuls with v / dO, as `dense_attention` does; all accumulators are float32.
 
@@ -105,9 +106,9 @@ def default_num_warps(head_dim: int, dtype) -> int:
   """Warps per Triton program: 4 for bfloat16 with head dim <= 64, else 8.
 
   From sm_90 builds of the three kernels with 64 x 64 tiles (benchmarks/kernel_resources.py):
-  at 4 warps none spills for bfloat16 at head dim 64, but dk/dv (two float32 [block_k, K]
-  accumulators) spills at head dim 128 or in float32; at 8 warps only float32 with head
-  dim 128 still does.
+  at 4 warps none spills at head dim 64, but dk/dv (two float32 [block_k, K] accumulators)
+  spills at head dim 128; at 8 warps only float32 with head dim 128 still does. (float32 at head
+  dim 64 keeps 8 warps from builds in which its dk/dv spilled at 4.)
   """
   return 4 if head_dim <= 64 and jnp.dtype(dtype) == jnp.bfloat16 else 8
 
@@ -271,12 +272,14 @@ def scaled_logits(q_QD, k_KD):
   return jnp.dot(q_QD, k_KD.T, preferred_element_type=jnp.float32) * scale
 
 
-def _logits(q_QD, k_KD, q_pos_Q, k_pos_K, masked: bool, cfg: KernelConfig):
-  """Scaled float32 logits of one tile (`scaled_logits`); the mask applied only when `masked`."""
-  s_QK = scaled_logits(q_QD, k_KD)
+def _logits(a_AD, b_BD, q_pos, k_pos, masked: bool, cfg: KernelConfig):
+  """Scaled float32 logits a b^T of one tile (`scaled_logits`), a and b its queries and keys
+  (a [Q, K] tile) or its keys and queries (the transposed [K, Q] tile); the mask applied only
+  when `masked`, at the query and key positions shaped to broadcast to the tile's shape."""
+  s_AB = scaled_logits(a_AD, b_BD)
   if masked:
-    s_QK = jnp.where(visible(cfg.mask, cfg.num_tokens, q_pos_Q, k_pos_K), s_QK, MASK_VALUE)
-  return s_QK
+    s_AB = jnp.where(visible(cfg.mask, cfg.num_tokens, q_pos, k_pos), s_AB, MASK_VALUE)
+  return s_AB
 
 
 def online_softmax_init(shape_QD):
@@ -301,11 +304,11 @@ def online_softmax_update(carry, s_QK, v_KD):
 def _forward_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse2_ref, *, cfg):
   bq, bk = cfg.forward.block_q, cfg.forward.block_k
   q_QD = q_ref[...]
-  q_pos_Q = tile_positions(pl.program_id(2), bq)
+  q_pos_Q1 = tile_positions(pl.program_id(2), bq)[:, None]
 
   def body(j, masked, carry):
     k_KD, v_KD = load_tile(k_ref, j, bk), load_tile(v_ref, j, bk)
-    s_QK = _logits(q_QD, k_KD, q_pos_Q, tile_positions(j, bk), masked, cfg)
+    s_QK = _logits(q_QD, k_KD, q_pos_Q1, tile_positions(j, bk)[None, :], masked, cfg)
     return online_softmax_update(carry, s_QK, v_KD)
 
   acc_QD, m_Q, l_Q = _visit(counts_ref, index_ref, body, online_softmax_init(q_QD.shape))
@@ -325,11 +328,11 @@ def _dq_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, o_r
   q_QD, do_QD, lse2_Q = q_ref[...], do_ref[...], lse2_ref[...]
   delta_Q = jnp.sum(o_ref[...].astype(jnp.float32) * do_QD.astype(jnp.float32), axis=-1)
   delta_ref[...] = delta_Q
-  q_pos_Q = tile_positions(pl.program_id(2), bq)
+  q_pos_Q1 = tile_positions(pl.program_id(2), bq)[:, None]
 
   def body(j, masked, dq_QD):
     k_KD, v_KD = load_tile(k_ref, j, bk), load_tile(v_ref, j, bk)
-    s_QK = _logits(q_QD, k_KD, q_pos_Q, tile_positions(j, bk), masked, cfg)
+    s_QK = _logits(q_QD, k_KD, q_pos_Q1, tile_positions(j, bk)[None, :], masked, cfg)
     p_QK = jnp.exp2(s_QK - lse2_Q[:, None])
     dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
     ds_QK = p_QK * (dp_QK - delta_Q[:, None])
@@ -347,18 +350,21 @@ def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, de
   # packed: refs = cos, sin (this tile's rows), the aliased dqkv buffer, dqkv (all 3 slots).
   bq, bk = cfg.dkv.block_q, cfg.dkv.block_k
   k_KD, v_KD = k_ref[...], v_ref[...]
-  k_pos_K = tile_positions(pl.program_id(2), bk)
+  k_pos_K1 = tile_positions(pl.program_id(2), bk)[:, None]
 
+  # The tile is computed transposed, keys by queries: p^T and ds^T are then the left operands of
+  # their matmuls as they are, where p and ds would each be transposed (through shared memory)
+  # every iteration, and k and v are the left operands of q k^T and dO v^T.
   def body(i, masked, carry):
     dk_KD, dv_KD = carry
     q_QD, do_QD = load_tile(q_ref, i, bq), load_tile(do_ref, i, bq)
     lse2_Q, delta_Q = load_tile(lse2_ref, i, bq), load_tile(delta_ref, i, bq)
-    s_QK = _logits(q_QD, k_KD, tile_positions(i, bq), k_pos_K, masked, cfg)
-    p_QK = jnp.exp2(s_QK - lse2_Q[:, None])
-    dv_KD = dv_KD + jnp.dot(p_QK.astype(do_QD.dtype).T, do_QD, preferred_element_type=jnp.float32)
-    dp_QK = jnp.dot(do_QD, v_KD.T, preferred_element_type=jnp.float32)
-    ds_QK = p_QK * (dp_QK - delta_Q[:, None])
-    dk_KD = dk_KD + jnp.dot(ds_QK.astype(q_QD.dtype).T, q_QD, preferred_element_type=jnp.float32)
+    s_KQ = _logits(k_KD, q_QD, tile_positions(i, bq)[None, :], k_pos_K1, masked, cfg)
+    p_KQ = jnp.exp2(s_KQ - lse2_Q[None, :])
+    dv_KD = dv_KD + jnp.dot(p_KQ.astype(do_QD.dtype), do_QD, preferred_element_type=jnp.float32)
+    dp_KQ = jnp.dot(v_KD, do_QD.T, preferred_element_type=jnp.float32)
+    ds_KQ = p_KQ * (dp_KQ - delta_Q[None, :])
+    dk_KD = dk_KD + jnp.dot(ds_KQ.astype(q_QD.dtype), q_QD, preferred_element_type=jnp.float32)
     return dk_KD, dv_KD
 
   zeros_KD = jnp.zeros(k_KD.shape, jnp.float32)

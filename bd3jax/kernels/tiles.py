@@ -80,26 +80,28 @@ def kernel_tiles(mask: AttentionMask, num_tokens: int, block_q: int, block_k: in
   return tile_lists(map_NM), tile_lists(map_NM.T)
 
 
-def visible(mask: AttentionMask, num_tokens: int, q_pos_Q, k_pos_K):
-  """[Q, K] bool: `padded_mask(mask, num_tokens)` at these positions, by arithmetic."""
-  vis_QK = _visible(mask, q_pos_Q, k_pos_K)
+def visible(mask: AttentionMask, num_tokens: int, q_pos, k_pos):
+  """`padded_mask(mask, num_tokens)` at these positions, by arithmetic: bool of the broadcast
+  shape of the int32 query and key positions (q_pos [Q, 1] and k_pos [1, K] give [Q, K];
+  q_pos [1, Q] and k_pos [K, 1] the transposed [K, Q])."""
+  vis = _visible(mask, q_pos, k_pos)
   if num_tokens == mask.num_tokens:
-    return vis_QK
-  q_pad_Q1, k_pad_1K = (q_pos_Q >= mask.num_tokens)[:, None], (k_pos_K >= mask.num_tokens)[None, :]
-  return jnp.where(q_pad_Q1 | k_pad_1K, q_pad_Q1 & k_pad_1K, vis_QK)
+    return vis
+  q_pad, k_pad = q_pos >= mask.num_tokens, k_pos >= mask.num_tokens
+  return jnp.where(q_pad | k_pad, q_pad & k_pad, vis)
 
 
-def _visible(mask: AttentionMask, q_pos_Q, k_pos_K):
+def _visible(mask: AttentionMask, q_pos, k_pos):
   if mask.kind is MaskKind.FULL:
-    return jnp.ones((q_pos_Q.shape[0], k_pos_K.shape[0]), jnp.bool_)
+    return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), jnp.bool_)
   length, size = mask.seq_len, mask.block_size
   if mask.kind is MaskKind.BLOCK_CAUSAL:
-    return lax.div(k_pos_K, size)[None, :] <= lax.div(q_pos_Q, size)[:, None]
+    return lax.div(k_pos, size) <= lax.div(q_pos, size)
   # Training mask over x_t ⊕ x_0: an x_0 key is visible iff its block is earlier than the
   # query's (x_t query) or not later (x_0 query); an x_t key only to x_t queries of its block.
-  q_x0_Q, k_x0_K = q_pos_Q >= length, k_pos_K >= length
-  q_blk_Q = lax.div(jnp.where(q_x0_Q, q_pos_Q - length, q_pos_Q), size)
-  k_blk_K = lax.div(jnp.where(k_x0_K, k_pos_K - length, k_pos_K), size)
-  sees_x0_QK = k_blk_K[None, :] < q_blk_Q[:, None] + q_x0_Q[:, None].astype(jnp.int32)
-  sees_xt_QK = ~q_x0_Q[:, None] & (k_blk_K[None, :] == q_blk_Q[:, None])
-  return jnp.where(k_x0_K[None, :], sees_x0_QK, sees_xt_QK)
+  q_x0, k_x0 = q_pos >= length, k_pos >= length
+  q_blk = lax.div(jnp.where(q_x0, q_pos - length, q_pos), size)
+  k_blk = lax.div(jnp.where(k_x0, k_pos - length, k_pos), size)
+  sees_x0 = k_blk < q_blk + q_x0.astype(jnp.int32)
+  sees_xt = ~q_x0 & (k_blk == q_blk)
+  return jnp.where(k_x0, sees_x0, sees_xt)
