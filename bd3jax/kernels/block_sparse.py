@@ -354,7 +354,7 @@ def _dkv_kernel(counts_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, de
 
   # The tile is computed transposed, keys by queries: p^T and ds^T are then the left operands of
   # their matmuls as they are, where p and ds would each be transposed (through shared memory)
-  # every iteration, and k and v are the left operands of q k^T and dO v^T.
+  # every iteration, and k and v are the left operands of k q^T and v dO^T.
   def body(i, masked, carry):
     dk_KD, dv_KD = carry
     q_QD, do_QD = load_tile(q_ref, i, bq), load_tile(do_ref, i, bq)
